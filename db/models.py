@@ -1,0 +1,145 @@
+"""SQLAlchemy 2.0 typed models: jobs, their items, candidate pools and aggregated outputs."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = ["Base", "Candidate", "Item", "ItemStatus", "Job", "JobStatus", "Output", "utcnow"]
+
+# SQLite only autoincrements INTEGER PRIMARY KEY; Postgres gets a BIGINT.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"  # every item has an output (some may be degraded)
+    PARTIAL = "partial"  # some items failed
+    FAILED = "failed"  # every item failed
+    CANCELLED = "cancelled"
+
+
+class ItemStatus(enum.StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    DEGRADED = "degraded"  # aggregated from fewer candidates than the recipe asks for
+    FAILED = "failed"
+
+
+FINAL_JOB_STATUSES = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.PARTIAL, JobStatus.FAILED, JobStatus.CANCELLED}
+)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_new_job_id)
+    name: Mapped[str | None] = mapped_column(String(200))
+    recipe_name: Mapped[str] = mapped_column(String(200))
+    # The full recipe as submitted: stages read it from here, so later edits to YAML files don't leak in.
+    recipe: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
+    total_items: Mapped[int] = mapped_column(Integer)
+    items_succeeded: Mapped[int] = mapped_column(Integer, default=0)
+    items_degraded: Mapped[int] = mapped_column(Integer, default=0)
+    items_failed: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    items: Mapped[list[Item]] = relationship(back_populates="job", order_by="Item.position")
+
+    @property
+    def items_done(self) -> int:
+        return self.items_succeeded + self.items_degraded + self.items_failed
+
+
+class Item(Base):
+    __tablename__ = "items"
+    __table_args__ = (UniqueConstraint("job_id", "position", name="uq_items_job_position"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    external_id: Mapped[str | None] = mapped_column(String(200))
+    dataset: Mapped[str | None] = mapped_column(String(200))
+    instruction: Mapped[str] = mapped_column(Text)
+    system: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=ItemStatus.PENDING, index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    # One TruncationRecord per stage whose pool had to be cut to fit the model's context.
+    truncation: Mapped[list[Any] | None]
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    job: Mapped[Job] = relationship(back_populates="items")
+    candidates: Mapped[list[Candidate]] = relationship(
+        back_populates="item", order_by="(Candidate.layer, Candidate.slot)"
+    )
+    output: Mapped[Output | None] = relationship(back_populates="item")
+
+
+class Candidate(Base):
+    """One proposer generation. Unique on (item, layer, slot): a redelivered task cannot add a second."""
+
+    __tablename__ = "candidates"
+    __table_args__ = (UniqueConstraint("item_id", "layer", "slot", name="uq_candidates_item_layer_slot"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    layer: Mapped[int] = mapped_column(Integer)
+    slot: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(200))
+    text: Mapped[str | None] = mapped_column(Text)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    output_tokens: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    # Set when the slot failed after its retries; the text is then NULL.
+    error: Mapped[str | None] = mapped_column(Text)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    item: Mapped[Item] = relationship(back_populates="candidates")
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.text is not None
+
+
+class Output(Base):
+    """The aggregated answer of an item; at most one per item."""
+
+    __tablename__ = "outputs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), unique=True)
+    model: Mapped[str] = mapped_column(String(200))
+    text: Mapped[str] = mapped_column(Text)
+    pool_size: Mapped[int] = mapped_column(Integer)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    output_tokens: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    item: Mapped[Item] = relationship(back_populates="output")

@@ -1,0 +1,227 @@
+"""The reads and writes the stages make.
+
+Every write is idempotent: a redelivered task changes nothing that is done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import CursorResult, Select, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.models import FINAL_JOB_STATUSES, Candidate, Item, ItemStatus, Job, JobStatus, Output, utcnow
+
+__all__ = [
+    "GenerationRecord",
+    "NewItem",
+    "count_rows",
+    "create_job",
+    "finish_item",
+    "get_candidate",
+    "get_item",
+    "get_job",
+    "item_ids",
+    "job_outputs",
+    "layer_pool",
+    "mark_job_running",
+    "record_candidate",
+    "record_output",
+]
+
+
+@dataclass(frozen=True)
+class NewItem:
+    instruction: str
+    external_id: str | None = None
+    dataset: str | None = None
+    system: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """What a stage stores about one generation (or its failure, with `error` set and `text` None)."""
+
+    model: str
+    text: str | None
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    latency_ms: float | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    attempt: int = 1
+
+
+def _insert(session: Session, table: Any) -> Any:
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+def create_job(
+    session: Session, *, recipe_name: str, recipe: dict[str, Any], items: Sequence[NewItem], name: str | None
+) -> Job:
+    """Add a job and all its items to the session's transaction; the caller commits once."""
+    job = Job(name=name, recipe_name=recipe_name, recipe=recipe, total_items=len(items))
+    session.add(job)
+    session.flush()
+    session.execute(
+        _insert(session, Item),
+        [
+            {
+                "job_id": job.id,
+                "position": position,
+                "external_id": item.external_id,
+                "dataset": item.dataset,
+                "instruction": item.instruction,
+                "system": item.system,
+                "status": ItemStatus.PENDING,
+            }
+            for position, item in enumerate(items)
+        ],
+    )
+    return job
+
+
+def get_job(session: Session, job_id: str) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def get_item(session: Session, item_id: int) -> Item | None:
+    return session.get(Item, item_id)
+
+
+def item_ids(session: Session, job_id: str, *, pending_only: bool = False) -> list[int]:
+    query = select(Item.id).where(Item.job_id == job_id).order_by(Item.position)
+    if pending_only:
+        query = query.where(Item.status == ItemStatus.PENDING)
+    return list(session.scalars(query))
+
+
+def mark_job_running(session: Session, job_id: str) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.RUNNING, started_at=utcnow())
+    )
+
+
+def get_candidate(session: Session, item_id: int, layer: int, slot: int) -> Candidate | None:
+    return session.scalar(
+        select(Candidate).where(
+            Candidate.item_id == item_id, Candidate.layer == layer, Candidate.slot == slot
+        )
+    )
+
+
+def record_candidate(session: Session, item_id: int, layer: int, slot: int, record: GenerationRecord) -> int:
+    """Store a slot's result and return the row id. A finished slot is never overwritten; a failed one is."""
+    values = {"item_id": item_id, "layer": layer, "slot": slot, **record.__dict__}
+    statement = _insert(session, Candidate).values(**values)
+    updatable = {key: statement.excluded[key] for key in record.__dict__}
+    statement = statement.on_conflict_do_update(
+        index_elements=["item_id", "layer", "slot"],
+        set_=updatable,
+        where=Candidate.error.is_not(None),
+    )
+    session.execute(statement)
+    candidate = get_candidate(session, item_id, layer, slot)
+    assert candidate is not None
+    return candidate.id
+
+
+def layer_pool(session: Session, item_id: int, layer: int) -> list[Candidate]:
+    """Every slot row of a layer, ordered by slot: finished ones and recorded failures."""
+    query: Select[Candidate] = (
+        select(Candidate)
+        .where(Candidate.item_id == item_id, Candidate.layer == layer)
+        .order_by(Candidate.slot)
+    )
+    return list(session.scalars(query))
+
+
+def record_output(session: Session, item_id: int, record: GenerationRecord, pool_size: int) -> bool:
+    """Store the aggregated answer; False when the item already had one (a redelivered aggregator)."""
+    assert record.text is not None
+    statement = (
+        _insert(session, Output)
+        .values(
+            item_id=item_id,
+            model=record.model,
+            text=record.text,
+            pool_size=pool_size,
+            prompt_tokens=record.prompt_tokens,
+            output_tokens=record.output_tokens,
+            latency_ms=record.latency_ms,
+            finish_reason=record.finish_reason,
+        )
+        .on_conflict_do_nothing(index_elements=["item_id"])
+    )
+    result: CursorResult[Any] = session.execute(statement)  # type: ignore[assignment]
+    return bool(result.rowcount)
+
+
+_COUNTER = {
+    ItemStatus.SUCCEEDED: Job.items_succeeded,
+    ItemStatus.DEGRADED: Job.items_degraded,
+    ItemStatus.FAILED: Job.items_failed,
+}
+
+
+def finish_item(
+    session: Session,
+    item_id: int,
+    status: ItemStatus,
+    *,
+    error: str | None = None,
+    truncation: list[dict[str, Any]] | None = None,
+) -> bool:
+    """Move a pending item to its final status and count it on the job, once; False if it was not pending."""
+    moved = session.execute(
+        update(Item)
+        .where(Item.id == item_id, Item.status == ItemStatus.PENDING)
+        .values(status=status, error=error, truncation=truncation, finished_at=utcnow())
+        .returning(Item.job_id)
+    ).scalar_one_or_none()
+    if moved is None:
+        return False
+    counter = _COUNTER[status]
+    job = session.execute(
+        update(Job)
+        .where(Job.id == moved)
+        .values({counter: counter + 1})
+        .returning(Job.total_items, Job.items_succeeded, Job.items_degraded, Job.items_failed, Job.status)
+    ).one()
+    total, succeeded, degraded, failed, job_status = job
+    if succeeded + degraded + failed == total and job_status not in FINAL_JOB_STATUSES:
+        final = (
+            JobStatus.SUCCEEDED if not failed else JobStatus.FAILED if failed == total else JobStatus.PARTIAL
+        )
+        session.execute(update(Job).where(Job.id == moved).values(status=final, finished_at=utcnow()))
+    return True
+
+
+def job_outputs(session: Session, job_id: str) -> Iterable[tuple[Item, Output | None]]:
+    """Items of a job in input order with their outputs (None for failed ones)."""
+    query = (
+        select(Item, Output)
+        .outerjoin(Output, Output.item_id == Item.id)
+        .where(Item.job_id == job_id)
+        .order_by(Item.position)
+    )
+    yield from session.execute(query)
+
+
+def count_rows(session: Session, job_id: str) -> dict[str, int]:
+    """Items, candidates and outputs stored for a job: what `run` reports at the end."""
+    items = session.scalar(select(func.count()).select_from(Item).where(Item.job_id == job_id)) or 0
+    candidates = (
+        session.scalar(select(func.count()).select_from(Candidate).join(Item).where(Item.job_id == job_id))
+        or 0
+    )
+    outputs = (
+        session.scalar(select(func.count()).select_from(Output).join(Item).where(Item.job_id == job_id)) or 0
+    )
+    return {"items": items, "candidates": candidates, "outputs": outputs}

@@ -1,0 +1,89 @@
+"""Job dispatch: each item becomes a canvas of per-layer proposer chords ending in its aggregator.
+
+Tasks carry ids only (item, layer, slot). The canvas names stage tasks by their registered names, so
+this module does not import `workers`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import chord, group
+from celery.canvas import Signature
+
+from db import queries
+from db.models import ItemStatus, JobStatus
+from db.session import session_scope
+from orchestrator.celery_app import TASK_AGGREGATOR, TASK_DISPATCH, TASK_LAYER_DONE, TASK_PROPOSER, app
+from orchestrator.recipes import Recipe
+from orchestrator.settings import get_settings
+
+__all__ = ["dispatch", "item_canvas", "layer_done"]
+
+log = logging.getLogger(__name__)
+
+
+def item_canvas(item_id: int, recipe: Recipe, layer: int = 0) -> Signature:
+    """chord(proposers of `layer`, body): the body is the aggregator after the last layer, else
+    `layer_done`, which checks the pool and sends the next layer's chord.
+
+    Every signature is immutable: bodies ignore the header results and read the pool from the
+    database. Layers are linked by `layer_done` sending the next chord, not by chaining or nesting
+    chords, whose bodies Celery passes results into or may start before the inner header has finished.
+    """
+    header = group(
+        app.signature(TASK_PROPOSER, args=(item_id, layer, slot.slot), immutable=True)
+        for slot in recipe.slots(layer)
+    )
+    if layer == len(recipe.layers) - 1:
+        body = app.signature(TASK_AGGREGATOR, args=(item_id,), immutable=True)
+    else:
+        body = app.signature(TASK_LAYER_DONE, args=(item_id, layer), immutable=True)
+    return chord(header, body)
+
+
+@app.task(name=TASK_DISPATCH, acks_late=True)
+def dispatch(job_id: str) -> int:
+    """Enqueue the canvases of a job's pending items; returns how many were sent."""
+    url = get_settings().database_url
+    with session_scope(url) as session:
+        job = queries.get_job(session, job_id)
+        if job is None:
+            log.warning("dispatch: no job %s", job_id)
+            return 0
+        if job.status == JobStatus.CANCELLED:
+            return 0
+        recipe = Recipe.model_validate(job.recipe)
+        item_ids = queries.item_ids(session, job_id, pending_only=True)
+        queries.mark_job_running(session, job_id)
+    for item_id in item_ids:
+        item_canvas(item_id, recipe).apply_async()
+    return len(item_ids)
+
+
+@app.task(name=TASK_LAYER_DONE, acks_late=True)
+def layer_done(item_id: int, layer: int) -> bool:
+    """Between layers: send the next layer's chord, or fail the item if this pool is below `min_pool`.
+
+    A redelivered call may send the next chord twice; its stages find their rows and return early.
+    """
+    url = get_settings().database_url
+    with session_scope(url) as session:
+        item = queries.get_item(session, item_id)
+        if item is None or item.status != ItemStatus.PENDING:
+            return False
+        job = queries.get_job(session, item.job_id)
+        assert job is not None
+        recipe = Recipe.model_validate(job.recipe)
+        pool = queries.layer_pool(session, item_id, layer)
+        survivors = [c for c in pool if c.ok]
+        if len(survivors) >= recipe.min_pool:
+            item_canvas(item_id, recipe, layer + 1).apply_async()
+            return True
+        failures = "; ".join(f"slot {c.slot}: {c.error}" for c in pool if not c.ok)
+        reason = (
+            f"layer {layer} pool has {len(survivors)} of {len(recipe.slots(layer))} candidates, "
+            f"fewer than min_pool={recipe.min_pool}" + (f"; {failures}" if failures else "")
+        )
+        queries.finish_item(session, item_id, ItemStatus.FAILED, error=reason)
+        return False

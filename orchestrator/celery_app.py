@@ -1,0 +1,51 @@
+"""The Celery application, configured from settings. Stage tasks are addressed by registered name."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from orchestrator.settings import Settings, get_settings
+
+__all__ = ["TASK_AGGREGATOR", "TASK_DISPATCH", "TASK_LAYER_DONE", "TASK_PROPOSER", "app", "configure"]
+
+TASK_DISPATCH = "slimmoa.dispatch"
+TASK_PROPOSER = "slimmoa.proposer"
+TASK_AGGREGATOR = "slimmoa.aggregator"
+TASK_LAYER_DONE = "slimmoa.layer_done"
+
+
+def configure(celery: Celery, settings: Settings) -> None:
+    """Apply settings; each line below guards against a way Celery over Redis loses or hangs work."""
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    celery.conf.update(
+        broker_url=settings.redis_url or None,
+        result_backend=settings.redis_url or None,
+        # Redis redelivers unacked tasks after visibility_timeout: keep it above the longest stage,
+        # in the broker and in the result backend, or long generations run twice.
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        # Chord counters expire with results: a backlog older than this would never fire its body.
+        result_expires=settings.result_expires_s,
+        # Ack after the stage wrote its row, so a worker that dies mid-generation loses nothing.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One task reserved per thread: long GPU tasks are not hoarded by one worker.
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_default_queue=settings.queue_control,
+        task_routes={
+            TASK_DISPATCH: {"queue": settings.queue_control},
+            TASK_PROPOSER: {"queue": settings.queue_inference},
+            TASK_AGGREGATOR: {"queue": settings.queue_inference},
+            TASK_LAYER_DONE: {"queue": settings.queue_control},
+        },
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        include=["orchestrator.canvas"],
+    )
+
+
+app = Celery("slimmoa")
+configure(app, get_settings())

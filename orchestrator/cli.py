@@ -1,0 +1,245 @@
+"""The `slimmoa` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from db import queries
+from db.migrate import upgrade
+from db.models import FINAL_JOB_STATUSES, JobStatus
+from db.session import session_scope
+from orchestrator.celery_app import app as celery_app
+from orchestrator.celery_app import configure
+from orchestrator.embedded import EmbeddedError, private_redis, worker_process
+from orchestrator.inputs import InputError, read_records
+from orchestrator.jobs import create_job, enqueue_job
+from orchestrator.recipes import EMBEDDED_MODELS, RecipeError, load_recipe
+from orchestrator.settings import get_settings
+
+__all__ = ["cli", "main"]
+
+cli = typer.Typer(help="SlimMoA: Mixture-of-Agents generation over Celery.", no_args_is_help=True)
+db_cli = typer.Typer(help="Database schema.", no_args_is_help=True)
+models_cli = typer.Typer(help="Local model weights.", no_args_is_help=True)
+cli.add_typer(db_cli, name="db")
+cli.add_typer(models_cli, name="models")
+console = Console()
+err = Console(stderr=True)
+
+USAGE_ERROR = 2
+POLL_INTERVAL_S = 0.5
+
+
+def _fail(message: str, code: int = USAGE_ERROR) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    return typer.Exit(code)
+
+
+def _use(database_url: str, redis_url: str) -> None:
+    """Point this process (settings and Celery app) at the given services."""
+    os.environ["DATABASE_URL"] = database_url
+    os.environ["REDIS_URL"] = redis_url
+    get_settings.cache_clear()
+    configure(celery_app, get_settings())
+
+
+@cli.command()
+def run(
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="JSONL or AlpacaEval-style JSON list.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write one JSON object per line.")],
+    recipe: Annotated[str, typer.Option(help="Recipe name (recipes/NAME.yaml) or path.")] = "embedded",
+    limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N records.")] = None,
+    name: Annotated[str | None, typer.Option(help="A name for the job.")] = None,
+    show: Annotated[bool, typer.Option(help="Print every aggregated answer at the end.")] = False,
+) -> None:
+    """Run one job all-in-one: a private Redis unless REDIS_URL, ./slimmoa.db unless DATABASE_URL."""
+    settings = get_settings()
+    try:
+        chosen = load_recipe(recipe, settings.recipes_dir)
+        records = read_records(input_path, limit)
+    except (RecipeError, InputError) as exc:
+        raise _fail(str(exc)) from None
+    database_url = settings.database_url or f"sqlite:///{Path('slimmoa.db').resolve()}"
+    upgrade(database_url)
+    try:
+        with private_redis() if not settings.redis_url else _given(settings.redis_url) as redis_url:
+            _use(database_url, redis_url)
+            job_id = create_job(database_url, chosen, records, name=name)
+            console.print(f"job [bold]{job_id}[/bold]: {len(records)} items, recipe {chosen.name}")
+            log_path = output.with_name(output.name + ".worker.log")
+            queues = [get_settings().queue_control, get_settings().queue_inference]
+            env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
+            with worker_process(env, log_path, queues, get_settings().inference_concurrency) as worker:
+                enqueue_job(job_id)
+                status = _follow(database_url, job_id, worker.poll, log_path)
+    except EmbeddedError as exc:
+        raise _fail(str(exc), code=1) from None
+    written = _write_outputs(database_url, job_id, output)
+    pools = _write_pools(database_url, job_id, output.with_name(output.stem + ".pools.jsonl"))
+    with session_scope(database_url) as session:
+        counts = queries.count_rows(session, job_id)
+    if show:
+        for record in written:
+            console.rule(f"[bold]{record['id']}[/bold] {record['instruction'][:70]}")
+            console.print(record["output"], markup=False, highlight=False)
+    console.print(
+        f"job {job_id} {status}: {counts['items']} items, {counts['candidates']} candidates, "
+        f"{counts['outputs']} outputs stored in {database_url}\n"
+        f"outputs: {output}\ncandidate pools: {pools}"
+    )
+    if status != JobStatus.SUCCEEDED:
+        raise typer.Exit(1)
+
+
+class _given:
+    """A context manager yielding an already configured Redis URL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __enter__(self) -> str:
+        return self.url
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+
+def _follow(database_url: str, job_id: str, worker_poll: object, log_path: Path) -> str:
+    """Show a progress bar until the job ends; stop early if the worker dies."""
+    poll = worker_poll if callable(worker_poll) else (lambda: None)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("generating", total=None)
+        while True:
+            with session_scope(database_url) as session:
+                job = queries.get_job(session, job_id)
+                assert job is not None
+                status, done, total, failed = job.status, job.items_done, job.total_items, job.items_failed
+            progress.update(bar, completed=done, total=total, description=f"generating ({failed} failed)")
+            if status in FINAL_JOB_STATUSES:
+                return status
+            code = poll()
+            if code is not None:
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+                raise _fail(f"the worker exited with code {code}; last lines of {log_path}:\n{tail}", code=1)
+            time.sleep(POLL_INTERVAL_S)
+
+
+def _write_atomically(path: Path, lines: list[str]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    partial.replace(path)
+
+
+def _write_outputs(database_url: str, job_id: str, path: Path) -> list[dict[str, str]]:
+    """One JSON object a line per finished item: id, instruction, output, generator, dataset."""
+    records = []
+    with session_scope(database_url) as session:
+        job = queries.get_job(session, job_id)
+        assert job is not None
+        generator = f"slimmoa-{job.recipe_name}"
+        for item, out in queries.job_outputs(session, job_id):
+            if out is None:
+                continue
+            records.append(
+                {
+                    "id": item.external_id or str(item.position),
+                    "instruction": item.instruction,
+                    "output": out.text,
+                    "generator": generator,
+                    "dataset": item.dataset or "",
+                }
+            )
+    _write_atomically(path, [json.dumps(r, ensure_ascii=False) for r in records])
+    return records
+
+
+def _write_pools(database_url: str, job_id: str, path: Path) -> Path:
+    """Every item with its whole candidate pool (per layer and slot), its output and its status."""
+    lines = []
+    with session_scope(database_url) as session:
+        for item, out in queries.job_outputs(session, job_id):
+            pool = [
+                {"layer": c.layer, "slot": c.slot, "model": c.model, "text": c.text, "error": c.error}
+                for c in item.candidates
+            ]
+            record = {
+                "id": item.external_id or str(item.position),
+                "instruction": item.instruction,
+                "status": item.status,
+                "error": item.error,
+                "candidates": pool,
+                "output": out.text if out else None,
+                "truncation": item.truncation,
+            }
+            lines.append(json.dumps(record, ensure_ascii=False))
+    _write_atomically(path, lines)
+    return path
+
+
+@cli.command()
+def worker(
+    queues: Annotated[
+        str | None, typer.Option(help="Comma-separated queues (default: all SlimMoA queues).")
+    ] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Threads: generations in flight.")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
+) -> None:
+    """Start a Celery worker that hosts the engines (threads pool: vLLM cannot live in a prefork child)."""
+    settings = get_settings()
+    if not settings.redis_url or not settings.database_url:
+        raise _fail("a worker needs REDIS_URL and DATABASE_URL")
+    import workers.tasks  # noqa: F401  (registers the stage tasks on the app)
+
+    chosen = queues or f"{settings.queue_control},{settings.queue_inference}"
+    celery_app.worker_main(
+        [
+            "worker",
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(concurrency or settings.inference_concurrency),
+            "--queues",
+            chosen,
+            "--loglevel",
+            loglevel,
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+@db_cli.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Migrate the database at DATABASE_URL to the latest schema."""
+    url = get_settings().database_url
+    if not url:
+        raise _fail("DATABASE_URL is not set")
+    upgrade(url, revision)
+    console.print(f"database at {url} is at revision {revision}")
+
+
+@models_cli.command("prepare")
+def models_prepare() -> None:
+    """Convert the embedded models shipped in Python packages into the model cache (once)."""
+    from workers.model_store import ensure_embedded_model
+
+    for name in EMBEDDED_MODELS:
+        path = ensure_embedded_model(name, get_settings().model_cache_dir)
+        console.print(f"embedded model {name}: {path}")
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Contracts shared by the CLI, the API, the planner and the stage tasks."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["ChatMessage", "InputRecord", "TruncationRecord"]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class InputRecord(BaseModel):
+    """One prompt of a job. AlpacaEval files carry more keys (output, generator): they are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    instruction: str
+    id: str | None = None
+    dataset: str | None = None
+    system: str | None = None
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("instruction")
+    @classmethod
+    def _instruction_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class TruncationRecord(BaseModel):
+    """How a candidate pool was cut to fit a model's context; stored on the item."""
+
+    layer: int
+    budget_tokens: int = Field(description="Tokens left for the numbered candidates.")
+    original_tokens: list[int]
+    kept_tokens: list[int]

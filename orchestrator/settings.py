@@ -1,0 +1,62 @@
+"""One settings object for the whole service, read from the environment (and `.env`)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["PROJECT_ROOT", "FaultSpec", "Settings", "get_settings"]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class FaultSpec(BaseModel):
+    """Injected engine faults for one model; tests only, never reachable from recipes or the API."""
+
+    error_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    hang_seconds: float = Field(default=0.0, ge=0.0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    # Empty means "embedded": `slimmoa run` then uses ./slimmoa.db and a private Redis.
+    database_url: str = ""
+    redis_url: str = ""
+
+    recipes_dir: Path = PROJECT_ROOT / "recipes"
+    model_cache_dir: Path = Field(default=Path.home() / ".cache" / "slimmoa" / "models")
+
+    queue_control: str = "slimmoa.control"
+    queue_inference: str = "slimmoa.inference"
+
+    # Redis redelivers an unacked task after this many seconds; it must exceed the longest stage.
+    visibility_timeout_s: int = 6 * 3600
+    # Chord counters live as long as results: a backlog longer than this would never fire its callback.
+    result_expires_s: int = 7 * 24 * 3600
+    # Transient engine errors are retried this many times before the stage records its failure.
+    stage_max_retries: int = 3
+    stage_retry_backoff_s: float = 2.0
+    # A request that has not finished after this long is treated as a hung engine.
+    engine_request_timeout_s: float = 600.0
+    # Threads of the inference worker: the number of generations in flight that the engines can batch.
+    inference_concurrency: int = 16
+
+    slimmoa_faults: dict[str, FaultSpec] = Field(default_factory=dict)
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_database_url(cls, value: str) -> str:
+        # Plain postgres URLs mean psycopg 3, the driver this project installs.
+        for prefix in ("postgres://", "postgresql://"):
+            if value.startswith(prefix):
+                return "postgresql+psycopg://" + value[len(prefix) :]
+        return value
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,146 @@
+"""Shared fixtures: a migrated Postgres schema per test session, the machine's Redis, a real worker.
+
+Each test session gets its own Postgres schema and its own queue names, so runs never see each
+other's rows or tasks. Tests isolate by job: every test submits its own job and reads only its rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy import create_engine, text
+
+from db.migrate import upgrade
+from db.session import session_scope
+from orchestrator.celery_app import app as celery_app
+from orchestrator.celery_app import configure
+from orchestrator.jobs import create_job, enqueue_job
+from orchestrator.recipes import Recipe, parse_recipe
+from orchestrator.schemas import InputRecord
+from orchestrator.settings import PROJECT_ROOT, get_settings
+
+SAMPLE = PROJECT_ROOT / "examples" / "alpaca_eval_sample.jsonl"
+# Models the session worker fails on purpose (fault injection is a worker setting, never a recipe field).
+FAULTS = {"always-fails": {"error_rate": 1.0}, "broken-agg": {"error_rate": 1.0}}
+WORKER_ENV = {
+    "SLIMMOA_FAULTS": json.dumps(FAULTS),
+    "STAGE_MAX_RETRIES": "2",
+    "STAGE_RETRY_BACKOFF_S": "0.05",
+    "INFERENCE_CONCURRENCY": "16",
+}
+
+
+def _require(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        pytest.exit(
+            f"{name} is not set: run the tests with `make test` (it points at the machine's services)"
+        )
+    return value
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A fresh, migrated schema in the test database; dropped at the end of the session."""
+    base = _require("DATABASE_URL")
+    schema = f"slimmoa_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(base)
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    separator = "&" if "?" in base else "?"
+    url = f"{base}{separator}options=-csearch_path%3D{schema}"
+    upgrade(url)
+    yield url
+    with admin.begin() as connection:
+        connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def services(database_url: str) -> dict[str, str]:
+    """Environment that points this process and its workers at the test database, Redis and queues."""
+    suffix = uuid.uuid4().hex[:8]
+    env = {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": _require("REDIS_URL"),
+        "QUEUE_CONTROL": f"slimmoa.test.{suffix}.control",
+        "QUEUE_INFERENCE": f"slimmoa.test.{suffix}.inference",
+    }
+    os.environ.update(env)
+    get_settings.cache_clear()
+    configure(celery_app, get_settings())
+    return env
+
+
+@pytest.fixture(scope="session")
+def worker(
+    services: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[subprocess.Popen[bytes]]:
+    """One real `slimmoa worker` for the session (threads pool, all queues, fault injection on)."""
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    command = [sys.executable, "-m", "orchestrator.cli", "worker", "--loglevel", "info"]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, env={**os.environ, **services, **WORKER_ENV}, stdout=log, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + 60
+    while not celery_app.control.ping(timeout=1.0):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"worker did not start:\n{log_path.read_text()[-3000:]}")
+    yield process
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    sys.stderr.write(f"worker log: {log_path}\n")
+
+
+def sample_records(count: int) -> list[InputRecord]:
+    lines = SAMPLE.read_text().splitlines()
+    records = [InputRecord.model_validate(json.loads(line)) for line in lines]
+    return [r.model_copy(update={"id": f"p{i}"}) for i, r in enumerate((records * 10)[:count])]
+
+
+def recipe_from_yaml(source: str) -> Recipe:
+    return parse_recipe(yaml.safe_load(source))
+
+
+def submit(database_url: str, recipe: Recipe, records: list[InputRecord]) -> str:
+    job_id = create_job(database_url, recipe, records, name="test")
+    enqueue_job(job_id)
+    return job_id
+
+
+def wait_for_job(database_url: str, job_id: str, timeout: float = 300.0) -> Any:
+    """Poll the record until the job reaches a final status; returns the job row."""
+    from db import queries
+    from db.models import FINAL_JOB_STATUSES
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_scope(database_url) as session:
+            job = queries.get_job(session, job_id)
+            assert job is not None
+            if job.status in FINAL_JOB_STATUSES:
+                return job
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"job {job_id} still {job.status} after {timeout:.0f} s ({job.items_done}/{job.total_items})"
+            )
+        time.sleep(0.25)
+
+
+def project_path(*parts: str) -> Path:
+    return PROJECT_ROOT.joinpath(*parts)

@@ -1,0 +1,69 @@
+"""The engines of one worker process: one asyncio loop thread, one engine per model, kept for life.
+
+Celery runs stage tasks in a threads pool (a prefork child cannot host vLLM: it cannot spawn the
+engine process, and CUDA cannot be re-initialised after fork). Each task thread hands its request to
+the loop with `run_coroutine_threadsafe`; requests from all threads meet in the same engine, which
+batches them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from orchestrator.recipes import OpenAIModel, SyntheticModel, VllmModel
+from orchestrator.settings import Settings
+from workers.engines import ChatRequest, Engine, EngineUnavailable, Generation, create_engine
+
+__all__ = ["EngineHost"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineHost:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="engine-loop", daemon=True)
+        self._thread.start()
+        self._engines: dict[str, Engine] = {}
+        self._lock = threading.Lock()
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError as exc:
+            future.cancel()
+            raise EngineUnavailable(f"no answer within {timeout:.0f} s") from exc
+
+    def engine(self, name: str, spec: VllmModel | OpenAIModel | SyntheticModel) -> Engine:
+        """The started engine for a recipe model; the first caller loads it, the others wait."""
+        # Same spec, same engine: recipes that share a model definition share its weights.
+        key = f"{name}|{spec.model_dump_json()}"
+        with self._lock:
+            engine = self._engines.get(key)
+            if engine is None:
+                log.info("starting engine %s (%s)", name, spec.engine)
+                engine = create_engine(name, spec, self.settings)
+                self._run(engine.start())
+                self._engines[key] = engine
+            return engine
+
+    def generate(self, engine: Engine, request: ChatRequest) -> Generation:
+        return self._run(engine.generate(request), self.settings.engine_request_timeout_s)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            for engine in self._engines.values():
+                try:
+                    self._run(engine.close(), timeout=60)
+                except Exception:  # shutting down: one engine failing to close must not keep the others
+                    log.exception("closing engine %s failed", engine.name)
+            self._engines.clear()
+        self._loop.call_soon_threadsafe(self._loop.stop)

@@ -1,0 +1,75 @@
+"""The one engine interface: async chat generation, batched by the engine across concurrent calls.
+
+Usage::
+
+    engine = create_engine("smollm2", recipe.model("smollm2"), settings)
+    await engine.start()
+    generation = await engine.generate(ChatRequest.build("item-7_0_1", messages, slot.sampling))
+
+Many coroutines awaiting `generate` at once is what lets vLLM batch them continuously.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from pydantic import BaseModel, ConfigDict
+
+from orchestrator.prompts import Tokenizer
+from orchestrator.recipes import SamplingSpec
+from orchestrator.schemas import ChatMessage
+
+__all__ = ["ChatRequest", "Engine", "Generation"]
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    request_id: str
+    messages: list[ChatMessage]
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int | None
+
+    @classmethod
+    def build(cls, request_id: str, messages: list[ChatMessage], sampling: SamplingSpec) -> ChatRequest:
+        """Request sampling comes from the recipe stage; engines only fill what it leaves unset."""
+        return cls(request_id=request_id, messages=messages, **sampling.model_dump())
+
+
+class Generation(BaseModel):
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str
+    latency_ms: float
+
+
+class Engine(ABC):
+    """An inference backend for one model. Subclasses stay small: start, generate, close."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load the model or open the connection; called once, on the engine host's event loop."""
+
+    @abstractmethod
+    async def generate(self, request: ChatRequest) -> Generation:
+        """Generate one chat completion; raises EngineUnavailable or RequestRejected."""
+
+    @property
+    @abstractmethod
+    def tokenizer(self) -> Tokenizer:
+        """Counts and cuts text in this model's tokens (for fair truncation of pools)."""
+
+    @property
+    @abstractmethod
+    def system_supported(self) -> bool:
+        """Whether the chat template accepts a system message."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the model or connection."""

@@ -1,0 +1,109 @@
+"""Deterministic text from the prompt and seed, with configurable latency: for orchestration tests,
+benchmarks and load tests. Chosen only by a recipe that names `engine: synthetic`."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import time
+
+from orchestrator.recipes import SyntheticModel
+from workers.engines.base import ChatRequest, Engine, Generation
+
+__all__ = ["SyntheticEngine", "WordTokenizer", "prompt_digest"]
+
+_WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "answer",
+    "because",
+    "therefore",
+    "first",
+    "second",
+    "finally",
+    "example",
+    "consider",
+    "result",
+    "model",
+    "response",
+    "careful",
+    "detail",
+    "summary",
+    "point",
+    "reason",
+    "data",
+    "value",
+    "step",
+    "clear",
+    "short",
+    "long",
+    "context",
+]
+
+
+def prompt_digest(request: ChatRequest) -> str:
+    """A digest of everything that determines the output, so tests can tell which prompt was seen."""
+    payload = json.dumps(
+        [[m.role, m.content] for m in request.messages] + [request.seed, request.temperature, request.top_p],
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class WordTokenizer:
+    """Whitespace words as tokens: exact for synthetic text, close enough for its truncation tests."""
+
+    def count(self, text: str) -> int:
+        return len(text.split())
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        return " ".join(text.split()[:max_tokens])
+
+
+class SyntheticEngine(Engine):
+    def __init__(self, name: str, spec: SyntheticModel) -> None:
+        super().__init__(name)
+        self.spec = spec
+        self._tokenizer = WordTokenizer()
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    @property
+    def tokenizer(self) -> WordTokenizer:
+        return self._tokenizer
+
+    @property
+    def system_supported(self) -> bool:
+        return self.spec.system_role != "merge"
+
+    async def generate(self, request: ChatRequest) -> Generation:
+        started = time.perf_counter()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.spec.latency_ms:
+                await asyncio.sleep(self.spec.latency_ms / 1000)
+        finally:
+            self.in_flight -= 1
+        digest = prompt_digest(request)
+        count = min(self.spec.output_tokens, request.max_tokens)
+        words = random.Random(digest).choices(_WORDS, k=count - 1)
+        text = " ".join([f"{self.name}:{digest}", *words])
+        prompt_tokens = sum(self._tokenizer.count(m.content) for m in request.messages)
+        return Generation(
+            text=text,
+            prompt_tokens=prompt_tokens,
+            output_tokens=count,
+            finish_reason="length" if count == request.max_tokens else "stop",
+            latency_ms=(time.perf_counter() - started) * 1000,
+        )

@@ -1,0 +1,229 @@
+"""The proposer and aggregator stage tasks.
+
+Both take ids, re-read their rows and return early when their work is already stored, so a
+redelivered or duplicated task changes nothing. The aggregator reads the pool from the database,
+not from the chord's result list: the database is the system of record.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from typing import Any
+
+from celery import Task
+from celery.signals import worker_shutdown
+from sqlalchemy.orm import Session
+
+from db import queries
+from db.models import ItemStatus
+from db.queries import GenerationRecord
+from db.session import session_scope
+from orchestrator.celery_app import TASK_AGGREGATOR, TASK_PROPOSER, app
+from orchestrator.prompts import PromptTooLong, build_stage_prompt
+from orchestrator.recipes import Recipe, SamplingSpec
+from orchestrator.settings import get_settings
+from workers.engine_host import EngineHost
+from workers.engines import ChatRequest, EngineError, EngineUnavailable, Generation
+
+__all__ = ["run_aggregator", "run_proposer"]
+
+log = logging.getLogger(__name__)
+
+_host: EngineHost | None = None
+_host_lock = threading.Lock()
+
+
+def engine_host() -> EngineHost:
+    """The process's engine host, created by the first task that needs an engine."""
+    global _host
+    with _host_lock:
+        if _host is None:
+            _host = EngineHost(get_settings())
+        return _host
+
+
+@worker_shutdown.connect
+def _close_engines(**_: Any) -> None:
+    if _host is not None:
+        _host.shutdown()
+
+
+_recipes: dict[str, Recipe] = {}
+
+
+def job_recipe(session: Session, job_id: str) -> Recipe:
+    """A job's recipe never changes after submit, so each process parses it once."""
+    recipe = _recipes.get(job_id)
+    if recipe is None:
+        job = queries.get_job(session, job_id)
+        if job is None:
+            raise LookupError(f"job {job_id} not found")
+        recipe = _recipes[job_id] = Recipe.model_validate(job.recipe)
+    return recipe
+
+
+class _Stage:
+    """What a stage knows about its item after the first read."""
+
+    def __init__(self, job_id: str, instruction: str, system: str | None, references: list[str]) -> None:
+        self.job_id = job_id
+        self.instruction = instruction
+        self.system = system
+        self.references = references
+
+
+def _generate(
+    *,
+    stage: _Stage,
+    recipe: Recipe,
+    model: str,
+    sampling: SamplingSpec,
+    request_id: str,
+    layer: int,
+) -> tuple[Generation, dict[str, Any] | None]:
+    """Build the prompt for `model`, generate, and return the text with any truncation record."""
+    host = engine_host()
+    engine = host.engine(model, recipe.model(model))
+    prompt = build_stage_prompt(
+        stage.instruction,
+        system=stage.system,
+        references=stage.references,
+        system_supported=engine.system_supported,
+        context_length=recipe.model(model).context_length,
+        max_tokens=sampling.max_tokens,
+        tokenizer=engine.tokenizer,
+        layer=layer,
+    )
+    generation = host.generate(engine, ChatRequest.build(request_id, prompt.messages, sampling))
+    truncation = prompt.truncation.model_dump() if prompt.truncation else None
+    return generation, truncation
+
+
+def _retry_or_give_up(task: Task, exc: EngineUnavailable) -> None:
+    """Retry a transient error with exponential backoff and jitter; return when retries are spent."""
+    settings = get_settings()
+    if task.request.retries >= settings.stage_max_retries:
+        return
+    countdown = settings.stage_retry_backoff_s * (2**task.request.retries) * (0.5 + random.random())
+    raise task.retry(exc=exc, countdown=countdown, max_retries=settings.stage_max_retries)
+
+
+# Retried: EngineUnavailable (timeouts, lost connections, OOM at generation).
+# Not retried: RequestRejected and PromptTooLong, which would fail the same way again.
+@app.task(name=TASK_PROPOSER, bind=True, acks_late=True)
+def run_proposer(self: Task, item_id: int, layer: int, slot: int) -> int | None:
+    """Generate one slot of one layer and store it; returns the candidate row id (None: item gone)."""
+    url = get_settings().database_url
+    with session_scope(url) as session:
+        item = queries.get_item(session, item_id)
+        if item is None or item.status != ItemStatus.PENDING:
+            return None
+        existing = queries.get_candidate(session, item_id, layer, slot)
+        if existing is not None and existing.ok:
+            return existing.id
+        recipe = job_recipe(session, item.job_id)
+        references: list[str] = []
+        if layer > 0:
+            references = [c.text for c in queries.layer_pool(session, item_id, layer - 1) if c.ok and c.text]
+        stage = _Stage(item.job_id, item.instruction, item.system, references)
+    spec = recipe.slots(layer)[slot]
+    attempt = self.request.retries + 1
+    error: str | None = None
+    generation: Generation | None = None
+    try:
+        generation, _ = _generate(
+            stage=stage,
+            recipe=recipe,
+            model=spec.model,
+            sampling=spec.sampling,
+            request_id=f"{item_id}_{layer}_{slot}_{attempt}",
+            layer=layer,
+        )
+    except EngineUnavailable as exc:
+        _retry_or_give_up(self, exc)
+        error = f"{spec.model}: {exc} (after {attempt} attempts)"
+    except (EngineError, PromptTooLong) as exc:
+        error = f"{spec.model}: {exc}"
+    if generation is None:
+        log.warning("proposer item=%s layer=%s slot=%s failed: %s", item_id, layer, slot, error)
+        record = GenerationRecord(model=spec.model, text=None, error=error, attempt=attempt)
+    else:
+        record = GenerationRecord(
+            model=spec.model,
+            text=generation.text,
+            prompt_tokens=generation.prompt_tokens,
+            output_tokens=generation.output_tokens,
+            latency_ms=generation.latency_ms,
+            finish_reason=generation.finish_reason,
+            attempt=attempt,
+        )
+    with session_scope(url) as session:
+        return queries.record_candidate(session, item_id, layer, slot, record)
+
+
+@app.task(name=TASK_AGGREGATOR, bind=True, acks_late=True)
+def run_aggregator(self: Task, item_id: int) -> str | None:
+    """Aggregate the last layer's pool into the item's output; returns the item's final status."""
+    url = get_settings().database_url
+    with session_scope(url) as session:
+        item = queries.get_item(session, item_id)
+        if item is None or item.status != ItemStatus.PENDING:
+            return item.status if item else None
+        recipe = job_recipe(session, item.job_id)
+        last = len(recipe.layers) - 1
+        pool = queries.layer_pool(session, item_id, last)
+        references = [c.text for c in pool if c.ok and c.text]
+        failures = [f"slot {c.slot}: {c.error}" for c in pool if not c.ok]
+        stage = _Stage(item.job_id, item.instruction, item.system, references)
+    expected = len(recipe.slots(last))
+    if len(references) < recipe.min_pool:
+        reason = (
+            f"pool has {len(references)} of {expected} candidates, fewer than min_pool={recipe.min_pool}"
+            + (f"; {'; '.join(failures)}" if failures else "")
+        )
+        with session_scope(url) as session:
+            queries.finish_item(session, item_id, ItemStatus.FAILED, error=reason)
+        return ItemStatus.FAILED
+    aggregator = recipe.aggregator
+    attempt = self.request.retries + 1
+    try:
+        generation, truncation = _generate(
+            stage=stage,
+            recipe=recipe,
+            model=aggregator.model,
+            sampling=aggregator.sampling,
+            request_id=f"{item_id}_agg_{attempt}",
+            layer=last + 1,
+        )
+    except EngineUnavailable as exc:
+        _retry_or_give_up(self, exc)
+        return _fail(url, item_id, f"aggregator {aggregator.model}: {exc} (after {attempt} attempts)")
+    except (EngineError, PromptTooLong) as exc:
+        return _fail(url, item_id, f"aggregator {aggregator.model}: {exc}")
+    degraded = len(references) < expected
+    status = ItemStatus.DEGRADED if degraded else ItemStatus.SUCCEEDED
+    note = f"pool has {len(references)} of {expected} candidates; {'; '.join(failures)}" if degraded else None
+    record = GenerationRecord(
+        model=aggregator.model,
+        text=generation.text,
+        prompt_tokens=generation.prompt_tokens,
+        output_tokens=generation.output_tokens,
+        latency_ms=generation.latency_ms,
+        finish_reason=generation.finish_reason,
+        attempt=attempt,
+    )
+    with session_scope(url) as session:
+        if queries.record_output(session, item_id, record, pool_size=len(references)):
+            queries.finish_item(
+                session, item_id, status, error=note, truncation=[truncation] if truncation else None
+            )
+    return status
+
+
+def _fail(url: str, item_id: int, error: str) -> str:
+    log.warning("aggregator item=%s failed: %s", item_id, error)
+    with session_scope(url) as session:
+        queries.finish_item(session, item_id, ItemStatus.FAILED, error=error)
+    return ItemStatus.FAILED
