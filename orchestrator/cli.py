@@ -21,7 +21,7 @@ from orchestrator.celery_app import configure
 from orchestrator.embedded import EmbeddedError, private_redis, worker_process
 from orchestrator.inputs import InputError, read_records
 from orchestrator.jobs import create_job, enqueue_job
-from orchestrator.recipes import EMBEDDED_MODELS, RecipeError, load_recipe
+from orchestrator.recipes import EMBEDDED_MODELS, RecipeError, load_recipe, missing_local_weights
 from orchestrator.settings import get_settings
 
 __all__ = ["cli", "main"]
@@ -64,6 +64,9 @@ def run(
     settings = get_settings()
     try:
         chosen = load_recipe(recipe, settings.recipes_dir)
+        missing = missing_local_weights(chosen)
+        if missing:
+            raise RecipeError("\n".join(f"recipe {chosen.name}: {problem}" for problem in missing))
         records = read_records(input_path, limit)
     except (RecipeError, InputError) as exc:
         raise _fail(str(exc)) from None

@@ -35,6 +35,35 @@ def _validate(data: Any, where: str) -> InputRecord:
         raise InputError(f"{where}: field '{field}' {message}") from exc
 
 
+def _json_list_with_lines(text: str) -> list[tuple[int, Any]]:
+    """Decode a top-level JSON list element by element, keeping the line each element starts on."""
+    decoder = json.JSONDecoder()
+    whitespace = " \t\n\r"
+    position = text.index("[") + 1
+    elements: list[tuple[int, Any]] = []
+    while True:
+        while position < len(text) and text[position] in whitespace:
+            position += 1
+        if position < len(text) and text[position] == "]" and not elements:
+            position += 1
+            break
+        value, end = decoder.raw_decode(text, position)
+        elements.append((text.count("\n", 0, position) + 1, value))
+        position = end
+        while position < len(text) and text[position] in whitespace:
+            position += 1
+        if position < len(text) and text[position] == ",":
+            position += 1
+            continue
+        if position < len(text) and text[position] == "]":
+            position += 1
+            break
+        raise json.JSONDecodeError("expected ',' or ']' after a list element", text, position)
+    if text[position:].strip():
+        raise json.JSONDecodeError("extra data after the list", text, position)
+    return elements
+
+
 def parse_records(text: str, source: str) -> list[InputRecord]:
     """Parse a JSON list or JSONL text; `source` names the file in error messages."""
     stripped = text.lstrip()
@@ -42,12 +71,15 @@ def parse_records(text: str, source: str) -> list[InputRecord]:
         raise InputError(f"{source}: the file is empty: expected JSONL records or a JSON list")
     if stripped.startswith("["):
         try:
-            data = json.loads(text)
+            data = _json_list_with_lines(text)
         except json.JSONDecodeError as exc:
-            raise InputError(f"{source}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
+            raise InputError(f"{source}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
         if not data:
             raise InputError(f"{source}: the JSON list is empty")
-        return [_validate(record, f"{source}: record [{index}]") for index, record in enumerate(data)]
+        return [
+            _validate(record, f"{source}:{line}: record [{index}]")
+            for index, (line, record) in enumerate(data)
+        ]
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

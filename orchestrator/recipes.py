@@ -29,6 +29,7 @@ __all__ = [
     "available_recipes",
     "format_validation_error",
     "load_recipe",
+    "missing_local_weights",
     "parse_recipe",
 ]
 
@@ -175,6 +176,17 @@ class Recipe(_Strict):
 
     def model(self, name: str) -> VllmModel | OpenAIModel | SyntheticModel:
         return self.models[name]
+
+
+def missing_local_weights(recipe: Recipe) -> list[str]:
+    """Problems with vLLM weights given as local paths, for a run on this machine (`field: problem`)."""
+    problems = []
+    for name, spec in recipe.models.items():
+        if not isinstance(spec, VllmModel) or not spec.weights.startswith(("/", "./", "../", "~")):
+            continue
+        if not Path(spec.weights).expanduser().is_dir():
+            problems.append(f"models.{name}.weights: no model folder at {spec.weights}")
+    return problems
 
 
 def format_validation_error(error: ValidationError, source: str) -> str:
