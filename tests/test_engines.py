@@ -1,0 +1,111 @@
+"""Engine adapters through the real interface: synthetic determinism, the OpenAI-compatible client
+against an in-process transport, and injected faults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from orchestrator.recipes import OpenAIModel, SamplingSpec, SyntheticModel
+from orchestrator.schemas import ChatMessage
+from orchestrator.settings import FaultSpec, Settings
+from workers.engines import (
+    ChatRequest,
+    EngineUnavailable,
+    FaultyEngine,
+    RequestRejected,
+    create_engine,
+)
+from workers.engines.openai_engine import OpenAIEngine
+from workers.engines.synthetic import SyntheticEngine
+
+MESSAGES = [ChatMessage(role="user", content="Name a colour.")]
+
+
+def request(seed: int | None = 1, max_tokens: int = 64) -> ChatRequest:
+    return ChatRequest.build("r1", MESSAGES, SamplingSpec(seed=seed, max_tokens=max_tokens))
+
+
+def test_synthetic_text_depends_on_prompt_and_seed_only() -> None:
+    engine = SyntheticEngine("s", SyntheticModel(engine="synthetic", output_tokens=10))
+    first = asyncio.run(engine.generate(request(seed=1)))
+    again = asyncio.run(engine.generate(request(seed=1)))
+    other = asyncio.run(engine.generate(request(seed=2)))
+    assert first.text == again.text != other.text
+    assert first.output_tokens == 10 and len(first.text.split()) == 10
+    capped = asyncio.run(engine.generate(request(max_tokens=4)))
+    assert (capped.output_tokens, capped.finish_reason) == (4, "length")
+
+
+def test_the_engine_kind_comes_from_the_recipe() -> None:
+    settings = Settings()
+    assert isinstance(create_engine("s", SyntheticModel(engine="synthetic"), settings), SyntheticEngine)
+    spec = OpenAIModel(engine="openai", base_url="http://127.0.0.1:9/v1", model="m")
+    assert isinstance(create_engine("o", spec, settings), OpenAIEngine)
+    faulty = Settings(slimmoa_faults={"s": FaultSpec(error_rate=1.0)})
+    engine = create_engine("s", SyntheticModel(engine="synthetic"), faulty)
+    assert isinstance(engine, FaultyEngine)
+    with pytest.raises(EngineUnavailable, match="injected fault in s"):
+        asyncio.run(engine.generate(request()))
+
+
+def openai_engine(handler: httpx.MockTransport, **spec: object) -> OpenAIEngine:
+    model = OpenAIModel.model_validate(
+        {"engine": "openai", "base_url": "http://judge.test/v1", "model": "m", **spec}
+    )
+    engine = OpenAIEngine("remote", model, transport=handler)
+    asyncio.run(engine.start())
+    return engine
+
+
+def test_openai_engine_sends_the_request_and_reads_the_completion(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append(req)
+        return httpx.Response(
+            200,
+            json={
+                "choices": [{"message": {"role": "assistant", "content": "Blue."}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 11, "completion_tokens": 2},
+            },
+        )
+
+    monkeypatch.setenv("JUDGE_KEY", "sekrit")
+    engine = openai_engine(httpx.MockTransport(handler), api_key_env="JUDGE_KEY")
+    generation = asyncio.run(engine.generate(request(seed=5, max_tokens=16)))
+    assert (generation.text, generation.prompt_tokens, generation.output_tokens) == ("Blue.", 11, 2)
+    sent = seen[0]
+    assert sent.url == "http://judge.test/v1/chat/completions"
+    assert sent.headers["authorization"] == "Bearer sekrit"
+    body = json.loads(sent.content)
+    assert body["messages"] == [{"role": "user", "content": "Name a colour."}]
+    assert (body["model"], body["seed"], body["max_tokens"]) == ("m", 5, 16)
+
+
+@pytest.mark.parametrize(
+    ("status", "error"), [(500, EngineUnavailable), (429, EngineUnavailable), (400, RequestRejected)]
+)
+def test_openai_engine_classifies_http_errors(status: int, error: type[Exception]) -> None:
+    engine = openai_engine(httpx.MockTransport(lambda _: httpx.Response(status, text="no")))
+    with pytest.raises(error, match=f"HTTP {status}"):
+        asyncio.run(engine.generate(request()))
+
+
+def test_openai_engine_connection_errors_are_transient() -> None:
+    def refuse(req: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=req)
+
+    engine = openai_engine(httpx.MockTransport(refuse))
+    with pytest.raises(EngineUnavailable, match="ConnectError"):
+        asyncio.run(engine.generate(request()))
+
+
+def test_openai_engine_needs_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ABSENT_KEY", raising=False)
+    spec = OpenAIModel(engine="openai", base_url="http://judge.test/v1", model="m", api_key_env="ABSENT_KEY")
+    with pytest.raises(RequestRejected, match="ABSENT_KEY is not set"):
+        asyncio.run(OpenAIEngine("remote", spec).start())
