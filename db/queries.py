@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import CursorResult, Select, func, select, update
+from sqlalchemy import CursorResult, Select, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -225,3 +225,67 @@ def count_rows(session: Session, job_id: str) -> dict[str, int]:
         session.scalar(select(func.count()).select_from(Output).join(Item).where(Item.job_id == job_id)) or 0
     )
     return {"items": items, "candidates": candidates, "outputs": outputs}
+
+
+@dataclass(frozen=True)
+class RetryPlan:
+    """Which items a retry re-runs, and from where: the whole canvas or the aggregator alone."""
+
+    canvas: list[int]
+    aggregator_only: list[int]
+
+
+def reopen_items(session: Session, job_id: str, item_ids: Sequence[int], *, drop_outputs: bool) -> int:
+    """Move finished items back to pending and uncount them on the job; returns how many moved.
+
+    Finished candidates are kept: the re-run stages find them and return without generating.
+    """
+    if not item_ids:
+        return 0
+    rows = session.execute(
+        select(Item.id, Item.status).where(
+            Item.job_id == job_id, Item.id.in_(item_ids), Item.status != ItemStatus.PENDING
+        )
+    ).all()
+    if not rows:
+        return 0
+    counts = {status: sum(1 for _, s in rows if s == status) for status in _COUNTER}
+    ids = [item_id for item_id, _ in rows]
+    if drop_outputs:
+        session.execute(delete(Output).where(Output.item_id.in_(ids)))
+    session.execute(
+        update(Item)
+        .where(Item.id.in_(ids))
+        .values(status=ItemStatus.PENDING, error=None, truncation=None, finished_at=None)
+    )
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(
+            {column: column - counts[status] for status, column in _COUNTER.items()}
+            | {Job.status: JobStatus.RUNNING, Job.finished_at: None}
+        )
+    )
+    return len(ids)
+
+
+def failed_stage_items(session: Session, job_id: str, item_ids: Sequence[int] | None = None) -> RetryPlan:
+    """Items with a failed stage: failed or degraded items, split by whether their pool needs work.
+
+    An item whose pool is complete and whose aggregator failed needs the aggregator only, so its
+    candidates are never regenerated.
+    """
+    query = select(Item).where(
+        Item.job_id == job_id, Item.status.in_([ItemStatus.FAILED, ItemStatus.DEGRADED])
+    )
+    if item_ids is not None:
+        query = query.where(Item.id.in_(item_ids))
+    canvas, aggregator_only = [], []
+    for item in session.scalars(query):
+        if any(not c.ok for c in item.candidates) or item.status == ItemStatus.DEGRADED:
+            canvas.append(item.id)
+        elif item.candidates:
+            aggregator_only.append(item.id)
+        else:
+            canvas.append(item.id)
+    return RetryPlan(canvas=canvas, aggregator_only=aggregator_only)
