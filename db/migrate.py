@@ -6,8 +6,12 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
-__all__ = ["alembic_config", "upgrade"]
+from db.session import get_engine
+
+__all__ = ["alembic_config", "schema_is_current", "upgrade"]
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -23,3 +27,10 @@ def alembic_config(url: str) -> Config:
 def upgrade(url: str, revision: str = "head") -> None:
     """Bring the schema at `url` up to `revision`; safe to run on an up-to-date database."""
     command.upgrade(alembic_config(url), revision)
+
+
+def schema_is_current(url: str) -> bool:
+    """Whether the database at `url` is migrated to the newest revision."""
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    with get_engine(url).connect() as connection:
+        return bool(MigrationContext.configure(connection).get_current_revision() == head)

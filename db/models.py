@@ -51,6 +51,7 @@ class Base(DeclarativeBase):
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("idempotency_key", name="uq_jobs_idempotency_key"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_new_job_id)
     name: Mapped[str | None] = mapped_column(String(200))
@@ -58,6 +59,10 @@ class Job(Base):
     # The full recipe as submitted: stages read it from here, so later edits to YAML files don't leak in.
     recipe: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
+    # A client-chosen key: a retried submit with the same key returns this job instead of a new one.
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # 0 (lowest) to 9; recorded with the job and reported by the API.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     total_items: Mapped[int] = mapped_column(Integer)
     items_succeeded: Mapped[int] = mapped_column(Integer, default=0)
     items_degraded: Mapped[int] = mapped_column(Integer, default=0)

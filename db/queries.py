@@ -11,22 +11,29 @@ from typing import Any
 
 from sqlalchemy import CursorResult, Select, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from db.models import FINAL_JOB_STATUSES, Candidate, Item, ItemStatus, Job, JobStatus, Output, utcnow
 
 __all__ = [
     "GenerationRecord",
+    "JobCounts",
     "NewItem",
+    "cancel_job",
     "count_rows",
     "create_job",
     "finish_item",
+    "finished_items",
     "get_candidate",
     "get_item",
     "get_job",
     "item_ids",
+    "job_by_idempotency_key",
+    "job_counts",
     "job_outputs",
     "layer_pool",
+    "list_items",
+    "list_jobs",
     "mark_job_running",
     "record_candidate",
     "record_output",
@@ -61,10 +68,24 @@ def _insert(session: Session, table: Any) -> Any:
 
 
 def create_job(
-    session: Session, *, recipe_name: str, recipe: dict[str, Any], items: Sequence[NewItem], name: str | None
+    session: Session,
+    *,
+    recipe_name: str,
+    recipe: dict[str, Any],
+    items: Sequence[NewItem],
+    name: str | None,
+    priority: int = 0,
+    idempotency_key: str | None = None,
 ) -> Job:
     """Add a job and all its items to the session's transaction; the caller commits once."""
-    job = Job(name=name, recipe_name=recipe_name, recipe=recipe, total_items=len(items))
+    job = Job(
+        name=name,
+        recipe_name=recipe_name,
+        recipe=recipe,
+        total_items=len(items),
+        priority=priority,
+        idempotency_key=idempotency_key,
+    )
     session.add(job)
     session.flush()
     session.execute(
@@ -91,6 +112,113 @@ def get_job(session: Session, job_id: str) -> Job | None:
 
 def get_item(session: Session, item_id: int) -> Item | None:
     return session.get(Item, item_id)
+
+
+def job_by_idempotency_key(session: Session, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.idempotency_key == key))
+
+
+def list_jobs(session: Session, *, status: str | None, offset: int, limit: int) -> tuple[list[Job], int]:
+    """One page of jobs, newest first, and how many match in all."""
+    where = [Job.status == status] if status else []
+    count = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+    page = session.scalars(
+        select(Job).where(*where).order_by(Job.created_at.desc(), Job.id).offset(offset).limit(limit)
+    )
+    return list(page), count
+
+
+def list_items(
+    session: Session, job_id: str, *, status: str | None, offset: int, limit: int
+) -> tuple[list[Item], int]:
+    """One page of a job's items in input order, and how many match in all."""
+    where = [Item.job_id == job_id] + ([Item.status == status] if status else [])
+    count = session.scalar(select(func.count()).select_from(Item).where(*where)) or 0
+    page = session.scalars(select(Item).where(*where).order_by(Item.position).offset(offset).limit(limit))
+    return list(page), count
+
+
+@dataclass(frozen=True)
+class JobCounts:
+    """Progress of a job per stage: items by status, candidate rows per layer, tokens generated."""
+
+    items: dict[str, int]
+    # layer -> (finished candidates, failed candidates)
+    candidates: dict[int, tuple[int, int]]
+    outputs: int
+    prompt_tokens: int
+    output_tokens: int
+
+
+def job_counts(session: Session, job_id: str) -> JobCounts:
+    """Count a job's rows per stage and status with four aggregate queries."""
+    items = dict(
+        session.execute(
+            select(Item.status, func.count()).where(Item.job_id == job_id).group_by(Item.status)
+        ).tuples()
+    )
+    failed = Candidate.error.is_not(None)
+    layers: Sequence[Any] = session.execute(
+        select(
+            Candidate.layer,
+            func.count().filter(~failed),
+            func.count().filter(failed),
+            func.coalesce(func.sum(Candidate.prompt_tokens), 0),
+            func.coalesce(func.sum(Candidate.output_tokens), 0),
+        )
+        .join(Item)
+        .where(Item.job_id == job_id)
+        .group_by(Candidate.layer)
+    ).all()
+    outputs, out_prompt, out_output = session.execute(
+        select(
+            func.count(),
+            func.coalesce(func.sum(Output.prompt_tokens), 0),
+            func.coalesce(func.sum(Output.output_tokens), 0),
+        )
+        .join(Item)
+        .where(Item.job_id == job_id)
+    ).one()
+    return JobCounts(
+        items=items,
+        candidates={layer: (ok, bad) for layer, ok, bad, _, _ in layers},
+        outputs=outputs,
+        prompt_tokens=out_prompt + sum(row[3] for row in layers),
+        output_tokens=out_output + sum(row[4] for row in layers),
+    )
+
+
+def cancel_job(session: Session, job_id: str) -> bool:
+    """Mark a job that has not ended `cancelled`; False when it had already ended.
+
+    Stage tasks check the job's status when they start, so queued stages return without working.
+    """
+    moved = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.not_in(list(FINAL_JOB_STATUSES)))
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow())
+        .returning(Job.id)
+    ).scalar_one_or_none()
+    return moved is not None
+
+
+def finished_items(
+    session: Session, job_id: str, *, after_position: int, limit: int, with_pools: bool
+) -> list[tuple[Item, Output | None]]:
+    """The next `limit` finished items after `after_position`, in input order, with their outputs.
+
+    Keyset pages: an export reads a job of any size in constant memory, one page per query.
+    """
+    query = (
+        select(Item, Output)
+        .outerjoin(Output, Output.item_id == Item.id)
+        .where(Item.job_id == job_id, Item.position > after_position, Item.status != ItemStatus.PENDING)
+        .order_by(Item.position)
+        .limit(limit)
+    )
+    if with_pools:
+        query = query.options(selectinload(Item.candidates))
+    return [(item, output) for item, output in session.execute(query).tuples()]
 
 
 def item_ids(session: Session, job_id: str, *, pending_only: bool = False) -> list[int]:

@@ -22,6 +22,9 @@ __all__ = ["dispatch", "item_canvas", "layer_done"]
 
 log = logging.getLogger(__name__)
 
+# Items sent between two checks for a cancelled job: a large job stops dispatching soon after a cancel.
+DISPATCH_BATCH = 200
+
 
 def item_canvas(item_id: int, recipe: Recipe, layer: int = 0) -> Signature:
     """chord(proposers of `layer`, body): the body is the aggregator after the last layer, else
@@ -56,9 +59,18 @@ def dispatch(job_id: str) -> int:
         recipe = Recipe.model_validate(job.recipe)
         item_ids = queries.item_ids(session, job_id, pending_only=True)
         queries.mark_job_running(session, job_id)
-    for item_id in item_ids:
-        item_canvas(item_id, recipe).apply_async()
+    for start in range(0, len(item_ids), DISPATCH_BATCH):
+        if start and _cancelled(url, job_id):
+            return start
+        for item_id in item_ids[start : start + DISPATCH_BATCH]:
+            item_canvas(item_id, recipe).apply_async()
     return len(item_ids)
+
+
+def _cancelled(url: str, job_id: str) -> bool:
+    with session_scope(url) as session:
+        job = queries.get_job(session, job_id)
+        return job is None or job.status == JobStatus.CANCELLED
 
 
 @app.task(name=TASK_LAYER_DONE, acks_late=True)
@@ -70,7 +82,7 @@ def layer_done(item_id: int, layer: int) -> bool:
     url = get_settings().database_url
     with session_scope(url) as session:
         item = queries.get_item(session, item_id)
-        if item is None or item.status != ItemStatus.PENDING:
+        if item is None or item.status != ItemStatus.PENDING or item.job.status == JobStatus.CANCELLED:
             return False
         job = queries.get_job(session, item.job_id)
         assert job is not None

@@ -5,23 +5,30 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from db import queries
 from db.migrate import upgrade
 from db.models import FINAL_JOB_STATUSES, JobStatus
 from db.session import session_scope
+from orchestrator.api.schemas import JobDetailPublic, StagePublic
 from orchestrator.celery_app import app as celery_app
 from orchestrator.celery_app import configure
+from orchestrator.client import DEFAULT_URL, ApiClient, ApiError
 from orchestrator.embedded import EmbeddedError, private_redis, worker_process
+from orchestrator.exports import ExportFormat, export_lines
 from orchestrator.inputs import InputError, read_records
 from orchestrator.jobs import create_job, enqueue_job
 from orchestrator.recipes import EMBEDDED_MODELS, RecipeError, load_recipe, missing_local_weights
+from orchestrator.recovery import RetryStage
 from orchestrator.settings import get_settings
 
 __all__ = ["cli", "main"]
@@ -85,12 +92,15 @@ def run(
                 status = _follow(database_url, job_id, worker.poll, log_path)
     except EmbeddedError as exc:
         raise _fail(str(exc), code=1) from None
-    written = _write_outputs(database_url, job_id, output)
-    pools = _write_pools(database_url, job_id, output.with_name(output.stem + ".pools.jsonl"))
+    generator = f"slimmoa-{chosen.name}"
+    _write_export(database_url, job_id, generator, ExportFormat.JSONL, output)
+    pools_path = output.with_name(output.stem + ".pools.jsonl")
+    pools = _write_export(database_url, job_id, generator, ExportFormat.POOLS, pools_path)
     with session_scope(database_url) as session:
         counts = queries.count_rows(session, job_id)
     if show:
-        for record in written:
+        for line in output.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
             console.rule(f"[bold]{record['id']}[/bold] {record['instruction'][:70]}")
             console.print(record["output"], markup=False, highlight=False)
     console.print(
@@ -136,55 +146,12 @@ def _follow(database_url: str, job_id: str, worker_poll: object, log_path: Path)
             time.sleep(POLL_INTERVAL_S)
 
 
-def _write_atomically(path: Path, lines: list[str]) -> None:
+def _write_export(database_url: str, job_id: str, generator: str, fmt: ExportFormat, path: Path) -> Path:
+    """Write one export of the job, atomically: readers never see a half-written file."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    with partial.open("w", encoding="utf-8") as handle:
+        handle.writelines(export_lines(database_url, job_id, fmt, generator))
     partial.replace(path)
-
-
-def _write_outputs(database_url: str, job_id: str, path: Path) -> list[dict[str, str]]:
-    """One JSON object a line per finished item: id, instruction, output, generator, dataset."""
-    records = []
-    with session_scope(database_url) as session:
-        job = queries.get_job(session, job_id)
-        assert job is not None
-        generator = f"slimmoa-{job.recipe_name}"
-        for item, out in queries.job_outputs(session, job_id):
-            if out is None:
-                continue
-            records.append(
-                {
-                    "id": item.external_id or str(item.position),
-                    "instruction": item.instruction,
-                    "output": out.text,
-                    "generator": generator,
-                    "dataset": item.dataset or "",
-                }
-            )
-    _write_atomically(path, [json.dumps(r, ensure_ascii=False) for r in records])
-    return records
-
-
-def _write_pools(database_url: str, job_id: str, path: Path) -> Path:
-    """Every item with its whole candidate pool (per layer and slot), its output and its status."""
-    lines = []
-    with session_scope(database_url) as session:
-        for item, out in queries.job_outputs(session, job_id):
-            pool = [
-                {"layer": c.layer, "slot": c.slot, "model": c.model, "text": c.text, "error": c.error}
-                for c in item.candidates
-            ]
-            record = {
-                "id": item.external_id or str(item.position),
-                "instruction": item.instruction,
-                "status": item.status,
-                "error": item.error,
-                "candidates": pool,
-                "output": out.text if out else None,
-                "truncation": item.truncation,
-            }
-            lines.append(json.dumps(record, ensure_ascii=False))
-    _write_atomically(path, lines)
     return path
 
 
@@ -238,6 +205,171 @@ def models_prepare() -> None:
     for name in EMBEDDED_MODELS:
         path = ensure_embedded_model(name, get_settings().model_cache_dir)
         console.print(f"embedded model {name}: {path}")
+
+
+# --- Client commands: the same jobs through the HTTP API -------------------------------------------
+
+ApiUrl = Annotated[
+    str, typer.Option("--api", envvar="SLIMMOA_API_URL", help="The API's base URL.", show_default=True)
+]
+ApiToken = Annotated[
+    str | None,
+    typer.Option("--token", envvar="SLIMMOA_API_TOKEN", help="Bearer token, if the API needs one."),
+]
+JobArg = Annotated[str, typer.Argument(metavar="JOB", help="The job's id.")]
+
+
+@contextmanager
+def _api(url: str, token: str | None) -> Iterator[ApiClient]:
+    """A client of the API; its errors become exit code 1 with the API's message."""
+    try:
+        with ApiClient(url, token) as client:
+            yield client
+    except ApiError as exc:
+        raise _fail(exc.detail, code=1) from None
+
+
+@cli.command()
+def api(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes.")] = 1,
+) -> None:
+    """Serve the HTTP API (uvicorn); OpenAPI at /docs and /openapi.json."""
+    import uvicorn
+
+    settings = get_settings()
+    if not settings.redis_url or not settings.database_url:
+        raise _fail("the API needs REDIS_URL and DATABASE_URL")
+    uvicorn.run("orchestrator.api.app:create_app", factory=True, host=host, port=port, workers=workers)
+
+
+@cli.command()
+def submit(
+    input_path: Annotated[Path, typer.Argument(metavar="FILE", help="JSONL or AlpacaEval-style JSON list.")],
+    recipe: Annotated[str, typer.Option(help="Recipe name (see GET /v1/recipes).")],
+    name: Annotated[str | None, typer.Option(help="A name for the job.")] = None,
+    priority: Annotated[int, typer.Option(min=0, max=9, help="0 (lowest) to 9.")] = 0,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Resubmitting with the same key returns the first job.")
+    ] = None,
+    url: ApiUrl = DEFAULT_URL,
+    token: ApiToken = None,
+) -> None:
+    """Submit a prompt file as a job; prints the job id."""
+    if not input_path.is_file():
+        raise _fail(f"{input_path}: no such file")
+    with _api(url, token) as client:
+        job = client.submit_file(
+            input_path, recipe, name=name, priority=priority, idempotency_key=idempotency_key
+        )
+    err.print(f"job {job.id}: {job.total_items} items, recipe {job.recipe_name}, {job.status}")
+    console.print(job.id, highlight=False)
+
+
+def _stage_label(stage: StagePublic) -> str:
+    return f"proposers L{stage.layer}" if stage.layer is not None else stage.stage
+
+
+def _show_job(job: JobDetailPublic) -> None:
+    table = Table(title=f"job {job.id} ({job.recipe_name}): {job.status}", show_header=True)
+    for column in ("stage", "done", "failed", "of"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    table.add_row("items", str(job.items_done), str(job.items_failed), str(job.total_items))
+    for stage in job.progress.stages:
+        table.add_row(_stage_label(stage), str(stage.finished), str(stage.failed), str(stage.expected))
+    console.print(table)
+    eta = job.progress.eta_seconds
+    console.print(
+        f"tokens: {job.progress.prompt_tokens} prompt, {job.progress.output_tokens} output"
+        + (f"; {job.progress.items_per_second:.2f} items/s" if job.progress.items_per_second else "")
+        + (f"; ETA {eta:.0f} s" if eta is not None else "")
+    )
+
+
+def _watch(client: ApiClient, job_id: str, interval: float) -> JobDetailPublic:
+    """A live progress view (items and every stage) until the job ends."""
+    columns = (TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        bars: dict[str, TaskID] = {}
+        while True:
+            job = client.job(job_id)
+            rows = [("items", job.items_done, job.total_items)] + [
+                (_stage_label(s), s.finished + s.failed, s.expected) for s in job.progress.stages
+            ]
+            for label, done, total in rows:
+                if label not in bars:
+                    bars[label] = progress.add_task(label, total=total)
+                progress.update(bars[label], completed=done, total=total)
+            if job.status in FINAL_JOB_STATUSES:
+                return job
+            time.sleep(interval)
+
+
+@cli.command()
+def status(
+    job_id: JobArg,
+    watch: Annotated[bool, typer.Option(help="Follow the job live until it ends.")] = False,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between polls with --watch.")] = 1.0,
+    url: ApiUrl = DEFAULT_URL,
+    token: ApiToken = None,
+) -> None:
+    """Show a job's progress per stage; with --watch, follow it and exit 1 unless it succeeds."""
+    with _api(url, token) as client:
+        job = _watch(client, job_id, interval) if watch else client.job(job_id)
+    _show_job(job)
+    if watch and job.status != JobStatus.SUCCEEDED:
+        raise typer.Exit(1)
+
+
+@cli.command()
+def export(
+    job_id: JobArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
+    export_format: Annotated[
+        ExportFormat, typer.Option("--format", help="What to write.")
+    ] = ExportFormat.JSONL,
+    url: ApiUrl = DEFAULT_URL,
+    token: ApiToken = None,
+) -> None:
+    """Download a job's finished results (the job may still run)."""
+    partial = output.with_name(output.name + ".partial")
+    with _api(url, token) as client, partial.open("wb") as handle:
+        for chunk in client.results(job_id, export_format):
+            handle.write(chunk)
+    partial.replace(output)
+    console.print(f"{export_format.value} export of job {job_id}: {output}")
+
+
+@cli.command()
+def cancel(job_id: JobArg, url: ApiUrl = DEFAULT_URL, token: ApiToken = None) -> None:
+    """Cancel a job: queued stages are dropped, running ones finish."""
+    with _api(url, token) as client:
+        job = client.cancel(job_id)
+    console.print(f"job {job.id}: {job.status} ({job.items_done}/{job.total_items} items done)")
+
+
+@cli.command()
+def retry(
+    job_id: JobArg,
+    stage: Annotated[RetryStage, typer.Option(help="Which failed stages to re-run.")] = RetryStage.ALL,
+    items: Annotated[
+        str | None, typer.Option(help="Comma-separated item ids (default: every failed item).")
+    ] = None,
+    url: ApiUrl = DEFAULT_URL,
+    token: ApiToken = None,
+) -> None:
+    """Re-run the failed stages of a job, reusing every finished candidate."""
+    try:
+        chosen = [int(part) for part in items.split(",")] if items else None
+    except ValueError:
+        raise _fail(f"--items: comma-separated item ids, got {items!r}") from None
+    with _api(url, token) as client:
+        result = client.retry(job_id, stage, chosen)
+    console.print(
+        f"job {result.job_id}: {result.items_reopened} items reopened "
+        f"({len(result.proposer_items)} from the proposers, {len(result.aggregator_items)} aggregator only)"
+    )
 
 
 def main() -> None:

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from sqlalchemy.exc import IntegrityError
+
 from db import queries
 from db.session import session_scope
 from orchestrator.celery_app import TASK_DISPATCH, app
 from orchestrator.recipes import Recipe
 from orchestrator.schemas import InputRecord
 
-__all__ = ["create_job", "enqueue_job"]
+__all__ = ["create_job", "enqueue_job", "submit_job"]
 
 
-def create_job(url: str, recipe: Recipe, records: Sequence[InputRecord], name: str | None = None) -> str:
+def create_job(
+    url: str,
+    recipe: Recipe,
+    records: Sequence[InputRecord],
+    name: str | None = None,
+    *,
+    priority: int = 0,
+    idempotency_key: str | None = None,
+) -> str:
     """Store the job and its items atomically and return the job id; nothing is enqueued yet."""
     if not records:
         raise ValueError("items: a job needs at least one item")
@@ -23,9 +33,48 @@ def create_job(url: str, recipe: Recipe, records: Sequence[InputRecord], name: s
     ]
     with session_scope(url) as session:
         job = queries.create_job(
-            session, recipe_name=recipe.name, recipe=recipe.model_dump(mode="json"), items=items, name=name
+            session,
+            recipe_name=recipe.name,
+            recipe=recipe.model_dump(mode="json"),
+            items=items,
+            name=name,
+            priority=priority,
+            idempotency_key=idempotency_key,
         )
         return job.id
+
+
+def _job_with_key(url: str, key: str | None) -> str | None:
+    if key is None:
+        return None
+    with session_scope(url) as session:
+        job = queries.job_by_idempotency_key(session, key)
+        return job.id if job else None
+
+
+def submit_job(
+    url: str,
+    recipe: Recipe,
+    records: Sequence[InputRecord],
+    *,
+    name: str | None = None,
+    priority: int = 0,
+    idempotency_key: str | None = None,
+) -> tuple[str, bool]:
+    """Store and enqueue a job; returns (job id, created). A key already used returns its job, uncreated."""
+    existing = _job_with_key(url, idempotency_key)
+    if existing is not None:
+        return existing, False
+    try:
+        job_id = create_job(url, recipe, records, name, priority=priority, idempotency_key=idempotency_key)
+    except IntegrityError:
+        # A concurrent submit with the same key committed first: its job is the answer.
+        existing = _job_with_key(url, idempotency_key)
+        if existing is None:
+            raise
+        return existing, False
+    enqueue_job(job_id)
+    return job_id, True
 
 
 def enqueue_job(job_id: str) -> None:

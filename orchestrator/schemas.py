@@ -22,8 +22,8 @@ class InputRecord(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     instruction: str
-    id: str | None = None
-    dataset: str | None = None
+    id: str | None = Field(default=None, max_length=200)
+    dataset: str | None = Field(default=None, max_length=200)
     system: str | None = None
 
     @field_validator("id", mode="before")
@@ -36,6 +36,14 @@ class InputRecord(BaseModel):
     def _instruction_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("instruction", "id", "dataset", "system")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        # Postgres text cannot hold NUL; refuse it here rather than fail at the insert.
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
         return value
 
 

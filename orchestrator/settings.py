@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["PROJECT_ROOT", "FaultSpec", "Settings", "get_settings"]
@@ -46,6 +46,14 @@ class Settings(BaseSettings):
     inference_concurrency: int = 16
 
     slimmoa_faults: dict[str, FaultSpec] = Field(default_factory=dict)
+
+    # HTTP API. With a token set, every /v1 route needs `Authorization: Bearer <token>`.
+    api_token: str = Field(default="", validation_alias=AliasChoices("SLIMMOA_API_TOKEN", "api_token"))
+    # Largest request body accepted (413 above): 10,000 prompts of a few KB fit comfortably.
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_items_per_job: int = 100_000
+    page_size_default: int = 50
+    page_size_max: int = 1000
 
     @field_validator("database_url")
     @classmethod

@@ -17,7 +17,7 @@ from celery.signals import worker_shutdown
 from sqlalchemy.orm import Session
 
 from db import queries
-from db.models import ItemStatus
+from db.models import ItemStatus, JobStatus
 from db.queries import GenerationRecord
 from db.session import session_scope
 from orchestrator.celery_app import TASK_AGGREGATOR, TASK_PROPOSER, app
@@ -118,7 +118,7 @@ def run_proposer(self: Task, item_id: int, layer: int, slot: int) -> int | None:
     url = get_settings().database_url
     with session_scope(url) as session:
         item = queries.get_item(session, item_id)
-        if item is None or item.status != ItemStatus.PENDING:
+        if item is None or item.status != ItemStatus.PENDING or item.job.status == JobStatus.CANCELLED:
             return None
         existing = queries.get_candidate(session, item_id, layer, slot)
         if existing is not None and existing.ok:
@@ -169,7 +169,7 @@ def run_aggregator(self: Task, item_id: int) -> str | None:
     url = get_settings().database_url
     with session_scope(url) as session:
         item = queries.get_item(session, item_id)
-        if item is None or item.status != ItemStatus.PENDING:
+        if item is None or item.status != ItemStatus.PENDING or item.job.status == JobStatus.CANCELLED:
             return item.status if item else None
         recipe = job_recipe(session, item.job_id)
         last = len(recipe.layers) - 1

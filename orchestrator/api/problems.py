@@ -1,0 +1,90 @@
+"""Errors as JSON problem details (`application/problem+json`), each naming its field path.
+
+    ProblemError            raised by routes and deps: status, detail and every error found
+    HTTPException           FastAPI's and Starlette's (404 of unknown routes, 405, ...)
+    RequestValidationError  request fields that fail their schema: 422, one line per field
+
+Paths read like the request: `items[37].instruction: must not be empty`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from orchestrator.api.schemas import Problem
+
+__all__ = ["ProblemError", "field_errors", "install_handlers", "problem_response", "validation_problem"]
+
+MEDIA_TYPE = "application/problem+json"
+
+
+class ProblemError(Exception):
+    """An error a route answers with; `errors` lists field-level problems (the first is the detail)."""
+
+    def __init__(
+        self, status: int, detail: str, errors: Sequence[str] = (), headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.errors = list(errors)
+        self.headers = headers
+
+
+def problem_response(
+    status: int, detail: str, errors: Sequence[str] = (), headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = Problem(title=HTTPStatus(status).phrase, status=status, detail=detail, errors=list(errors))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers, media_type=MEDIA_TYPE)
+
+
+def _path(loc: Iterable[int | str]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def field_errors(errors: Iterable[Any], drop: tuple[str, ...] = ("body",)) -> list[str]:
+    """Pydantic errors as `path: message` lines; `drop` removes leading location parts such as `body`."""
+    lines = []
+    for error in errors:
+        loc = list(error["loc"])
+        while loc and loc[0] in drop:
+            loc.pop(0)
+        message = "is required" if error["type"] == "missing" else error["msg"]
+        message = message.removeprefix("Value error, ")
+        lines.append(f"{_path(loc)}: {message}" if loc else message)
+    return lines
+
+
+def validation_problem(exc: ValidationError | RequestValidationError) -> ProblemError:
+    errors = field_errors(exc.errors())
+    return ProblemError(422, errors[0] if errors else "invalid request", errors)
+
+
+def install_handlers(app: FastAPI) -> None:
+    async def on_problem(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ProblemError)
+        return problem_response(exc.status, exc.detail, exc.errors, exc.headers)
+
+    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        return problem_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+
+    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        problem = validation_problem(exc)
+        return problem_response(problem.status, problem.detail, problem.errors)
+
+    app.add_exception_handler(ProblemError, on_problem)
+    app.add_exception_handler(HTTPException, on_http)
+    app.add_exception_handler(RequestValidationError, on_validation)

@@ -1,0 +1,270 @@
+"""The API's contracts: request and response bodies, separate from the SQLAlchemy tables in `db`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from db.models import FINAL_JOB_STATUSES, Item, Job, JobStatus, Output
+from db.queries import JobCounts
+from orchestrator.recipes import Recipe
+from orchestrator.recovery import RetryResult, RetryStage
+from orchestrator.schemas import InputRecord
+
+__all__ = [
+    "CandidatePublic",
+    "HealthPublic",
+    "ItemDetailPublic",
+    "ItemPublic",
+    "ItemsPublic",
+    "JobCreate",
+    "JobDetailPublic",
+    "JobPublic",
+    "JobUpload",
+    "JobsPublic",
+    "LayerPublic",
+    "OutputPublic",
+    "Problem",
+    "ProgressPublic",
+    "RecipePublic",
+    "RecipesPublic",
+    "RetryCreate",
+    "RetryResult",
+    "StagePublic",
+]
+
+# Ids are Postgres BIGINTs.
+MAX_ID = 2**63 - 1
+ItemId = Annotated[int, Field(ge=1, le=MAX_ID)]
+
+
+class Problem(BaseModel):
+    """An error (RFC 9457 problem details); `errors` lists every problem found, with its field path."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    errors: list[str] = []
+
+
+class JobCreate(BaseModel):
+    """A job as JSON: a recipe (by name, or inline) and its prompts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipe: str | dict[str, Any] = Field(
+        description="A recipe name (see GET /v1/recipes) or a recipe object."
+    )
+    items: list[InputRecord] = Field(min_length=1)
+    name: str | None = Field(default=None, max_length=200)
+    priority: int = Field(default=0, ge=0, le=9, description="0 (lowest) to 9; recorded with the job.")
+
+
+class JobUpload(BaseModel):
+    """A job as a multipart upload: a JSONL or AlpacaEval-JSON prompt file and a recipe name."""
+
+    file: bytes = Field(json_schema_extra={"format": "binary"})
+    recipe: str
+    name: str | None = None
+    priority: int = Field(default=0, ge=0, le=9)
+
+
+class JobPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str | None
+    recipe_name: str
+    status: JobStatus
+    priority: int
+    total_items: int
+    items_done: int
+    items_succeeded: int
+    items_degraded: int
+    items_failed: int
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int
+
+
+class StagePublic(BaseModel):
+    """One stage of a job: `expected` rows when done, `finished` stored, `failed` recorded as failures."""
+
+    stage: str
+    layer: int | None
+    expected: int
+    finished: int
+    failed: int
+
+
+class ProgressPublic(BaseModel):
+    items: dict[str, int] = Field(description="Items by status.")
+    stages: list[StagePublic]
+    prompt_tokens: int
+    output_tokens: int
+    items_per_second: float | None = Field(description="Observed since the job started.")
+    eta_seconds: float | None = Field(description="Time left at the observed rate; null until known.")
+
+    @classmethod
+    def of(cls, job: Job, counts: JobCounts, now: datetime | None = None) -> ProgressPublic:
+        recipe = Recipe.model_validate(job.recipe)
+        stages = [
+            StagePublic(
+                stage="proposers",
+                layer=layer,
+                expected=job.total_items * len(recipe.slots(layer)),
+                finished=counts.candidates.get(layer, (0, 0))[0],
+                failed=counts.candidates.get(layer, (0, 0))[1],
+            )
+            for layer in range(len(recipe.layers))
+        ]
+        stages.append(
+            StagePublic(
+                stage="aggregator",
+                layer=None,
+                expected=job.total_items,
+                finished=counts.outputs,
+                failed=job.items_failed,
+            )
+        )
+        rate = eta = None
+        if job.started_at is not None and job.items_done:
+            end = job.finished_at or now or datetime.now(UTC)
+            elapsed = max((end - job.started_at).total_seconds(), 1e-6)
+            rate = job.items_done / elapsed
+            if job.status not in FINAL_JOB_STATUSES:
+                eta = (job.total_items - job.items_done) / rate
+        items = {
+            status: counts.items.get(status, 0) for status in ("pending", "succeeded", "degraded", "failed")
+        }
+        return cls(
+            items=items,
+            stages=stages,
+            prompt_tokens=counts.prompt_tokens,
+            output_tokens=counts.output_tokens,
+            items_per_second=rate,
+            eta_seconds=eta,
+        )
+
+
+class JobDetailPublic(JobPublic):
+    progress: ProgressPublic
+
+
+class ItemPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    job_id: str
+    position: int
+    external_id: str | None
+    dataset: str | None
+    instruction: str
+    system: str | None
+    status: str
+    error: str | None
+    finished_at: datetime | None
+
+
+class ItemsPublic(BaseModel):
+    data: list[ItemPublic]
+    count: int
+
+
+class CandidatePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    slot: int
+    model: str
+    text: str | None
+    error: str | None
+    prompt_tokens: int | None
+    output_tokens: int | None
+    latency_ms: float | None
+    finish_reason: str | None
+    attempt: int
+
+
+class LayerPublic(BaseModel):
+    layer: int
+    candidates: list[CandidatePublic]
+
+
+class OutputPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    model: str
+    text: str
+    pool_size: int
+    prompt_tokens: int | None
+    output_tokens: int | None
+    latency_ms: float | None
+    finish_reason: str | None
+
+
+class ItemDetailPublic(ItemPublic):
+    """An item with its whole candidate pool, layer by layer, and its output."""
+
+    layers: list[LayerPublic]
+    output: OutputPublic | None
+    truncation: list[Any] | None
+
+    @classmethod
+    def of(cls, item: Item, output: Output | None) -> ItemDetailPublic:
+        layers: dict[int, list[CandidatePublic]] = {}
+        for candidate in item.candidates:
+            layers.setdefault(candidate.layer, []).append(CandidatePublic.model_validate(candidate))
+        return cls(
+            **ItemPublic.model_validate(item).model_dump(),
+            layers=[LayerPublic(layer=k, candidates=v) for k, v in sorted(layers.items())],
+            output=OutputPublic.model_validate(output) if output else None,
+            truncation=item.truncation,
+        )
+
+
+class RecipePublic(BaseModel):
+    name: str
+    description: str = ""
+    models: dict[str, str] = Field(default={}, description="Model name -> engine.")
+    layers: list[list[str]] = Field(default=[], description="Per layer, the model of every proposer slot.")
+    aggregator: str | None = None
+    min_pool: int | None = None
+    error: str | None = Field(default=None, description="Why the recipe file cannot be used.")
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> RecipePublic:
+        return cls(
+            name=recipe.name,
+            description=recipe.description,
+            models={name: spec.engine for name, spec in recipe.models.items()},
+            layers=[[slot.model for slot in recipe.slots(li)] for li in range(len(recipe.layers))],
+            aggregator=recipe.aggregator.model,
+            min_pool=recipe.min_pool,
+        )
+
+
+class RecipesPublic(BaseModel):
+    data: list[RecipePublic]
+    count: int
+
+
+class RetryCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stage: RetryStage = RetryStage.ALL
+    items: list[ItemId] | None = Field(default=None, description="Item ids; default: every failed one.")
+
+
+class HealthPublic(BaseModel):
+    status: str
+    database: str
+    broker: str

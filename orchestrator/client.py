@@ -1,0 +1,112 @@
+"""A small client of the `/v1` API, used by `slimmoa submit / status / export / cancel / retry`.
+
+client = ApiClient("http://127.0.0.1:8000", token=None)
+job = client.submit_file(Path("prompts.jsonl"), recipe="synthetic")
+client.job(job.id).progress.items
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from orchestrator.api.schemas import JobDetailPublic, JobPublic, RetryResult
+from orchestrator.exports import ExportFormat
+from orchestrator.recovery import RetryStage
+
+__all__ = ["ApiClient", "ApiError"]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class ApiError(RuntimeError):
+    """The API answered with an error (or could not be reached: status 0); the message is its detail."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class ApiClient:
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        token: str | None = None,
+        *,
+        timeout: float = 300.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+        )
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._http.close()
+
+    def _check(self, response: httpx.Response) -> httpx.Response:
+        if response.is_error:
+            response.read()
+            try:
+                detail = str(response.json().get("detail"))
+            except ValueError:
+                detail = response.text or response.reason_phrase
+            raise ApiError(response.status_code, f"{response.status_code} {detail}")
+        return response
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._check(self._http.request(method, path, **kwargs))
+        except httpx.TransportError as exc:
+            raise ApiError(0, f"cannot reach the API at {self.base_url}: {exc}") from exc
+
+    def submit_file(
+        self,
+        path: Path,
+        recipe: str,
+        *,
+        name: str | None = None,
+        priority: int = 0,
+        idempotency_key: str | None = None,
+    ) -> JobPublic:
+        """Upload a JSONL or AlpacaEval-JSON prompt file as a new job (or the key's earlier job)."""
+        data = {"recipe": recipe, "priority": str(priority)} | ({"name": name} if name else {})
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        with path.open("rb") as handle:
+            files = {"file": (path.name, handle, "application/octet-stream")}
+            response = self._request("POST", "/v1/jobs", data=data, files=files, headers=headers)
+        return JobPublic.model_validate(response.json())
+
+    def job(self, job_id: str) -> JobDetailPublic:
+        return JobDetailPublic.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
+
+    def cancel(self, job_id: str) -> JobPublic:
+        return JobPublic.model_validate(self._request("POST", f"/v1/jobs/{job_id}/cancel").json())
+
+    def retry(
+        self, job_id: str, stage: RetryStage = RetryStage.ALL, items: Sequence[int] | None = None
+    ) -> RetryResult:
+        body = {"stage": stage.value, "items": list(items) if items is not None else None}
+        return RetryResult.model_validate(self._request("POST", f"/v1/jobs/{job_id}/retry", json=body).json())
+
+    def results(self, job_id: str, export_format: ExportFormat) -> Iterator[bytes]:
+        """The export of a job's finished items, streamed in chunks."""
+        request = self._http.build_request(
+            "GET", f"/v1/jobs/{job_id}/results", params={"format": export_format.value}
+        )
+        try:
+            response = self._check(self._http.send(request, stream=True))
+            try:
+                yield from response.iter_bytes()
+            finally:
+                response.close()
+        except httpx.TransportError as exc:
+            raise ApiError(0, f"cannot reach the API at {self.base_url}: {exc}") from exc
