@@ -155,7 +155,7 @@ def job_counts(session: Session, job_id: str) -> JobCounts:
     items = dict(
         session.execute(
             select(Item.status, func.count()).where(Item.job_id == job_id).group_by(Item.status)
-        ).tuples()
+        ).tuples().all()
     )
     failed = Candidate.error.is_not(None)
     layers: Sequence[Any] = session.execute(

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from sqlalchemy import create_engine, text
@@ -144,3 +147,54 @@ def wait_for_job(database_url: str, job_id: str, timeout: float = 300.0) -> Any:
 
 def project_path(*parts: str) -> Path:
     return PROJECT_ROOT.joinpath(*parts)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def api_server(services: dict[str, str], log_path: Path, **env: str) -> Iterator[str]:
+    """A live `slimmoa api` (uvicorn) on a free loopback port; yields its base URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "orchestrator.cli", "api", "--host", "127.0.0.1", "--port", str(port)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, env={**os.environ, **services, **env}, stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the API did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="session")
+def api_url(services: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The session's live API, without a token."""
+    env = {"SLIMMOA_API_TOKEN": ""}
+    with api_server(services, tmp_path_factory.mktemp("api") / "api.log", **env) as url:
+        yield url
+
+
+@pytest.fixture()
+def api(api_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=api_url, timeout=120) as client:
+        yield client
