@@ -153,9 +153,9 @@ class JobCounts:
 def job_counts(session: Session, job_id: str) -> JobCounts:
     """Count a job's rows per stage and status with four aggregate queries."""
     items = dict(
-        session.execute(
-            select(Item.status, func.count()).where(Item.job_id == job_id).group_by(Item.status)
-        ).tuples().all()
+        session.execute(select(Item.status, func.count()).where(Item.job_id == job_id).group_by(Item.status))
+        .tuples()
+        .all()
     )
     failed = Candidate.error.is_not(None)
     layers: Sequence[Any] = session.execute(

@@ -45,7 +45,7 @@ def stored(database_url: str) -> tuple[int, int]:
 
 
 def with_item(index: int, item: dict[str, Any]) -> list[dict[str, Any]]:
-    return GOOD[:index] + [item] + GOOD[index + 1 :]
+    return [*GOOD[:index], item, *GOOD[index + 1 :]]
 
 
 JSON_ERRORS = [

@@ -5,6 +5,7 @@ Run it with `slimmoa api` (uvicorn). OpenAPI is served at `/openapi.json` and `/
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI
@@ -14,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from orchestrator.api import health, jobs, recipes
 from orchestrator.api.deps import require_token
 from orchestrator.api.problems import install_handlers, problem_response
-from orchestrator.api.schemas import JobCreate, JobUpload
+from orchestrator.api.schemas import JobCreate, JobUpload, Problem
 from orchestrator.settings import Settings, get_settings
 
 __all__ = ["create_app"]
@@ -67,17 +68,33 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+def _document_problems(schema: dict[str, Any]) -> None:
+    """Every error answer is a Problem: 401 and 422 on every /v1 route, 400 and 413 where a body is read."""
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            responses = operation["responses"]
+            codes = {"422"} | ({"401"} if path.startswith("/v1/") else set())
+            codes |= {"400", "413"} if "requestBody" in operation else set()
+            for code in codes | {c for c in responses if c.startswith(("4", "5")) and c != "503"}:
+                description = responses.get(code, {}).get("description") or HTTPStatus(int(code)).phrase
+                responses[code] = {"description": description, "content": problem}
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schema["components"]["schemas"].pop(unused, None)
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """The generated schema, plus the two bodies POST /v1/jobs reads itself (JSON and multipart)."""
+    """The generated schema, plus the two bodies POST /v1/jobs reads itself, and problems documented."""
     if app.openapi_schema is None:
         schema = get_openapi(
             title=app.title, version=app.version, routes=app.routes, description=app.description
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (JobCreate, JobUpload):
+        for model in (JobCreate, JobUpload, Problem):
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body
+        _document_problems(schema)
         app.openapi_schema = schema
     return app.openapi_schema
 
