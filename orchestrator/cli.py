@@ -272,7 +272,8 @@ def _stage_label(stage: StagePublic) -> str:
 
 
 def _show_job(job: JobDetailPublic) -> None:
-    table = Table(title=f"job {job.id} ({job.recipe_name}): {job.status}", show_header=True)
+    console.print(f"job {job.id} ({job.recipe_name}): {job.status}", highlight=False)
+    table = Table(show_header=True)
     for column in ("stage", "done", "failed", "of"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     table.add_row("items", str(job.items_done), str(job.items_failed), str(job.total_items))
