@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from sqlalchemy.exc import IntegrityError
 
@@ -12,7 +13,7 @@ from orchestrator.celery_app import TASK_DISPATCH, app
 from orchestrator.recipes import Recipe
 from orchestrator.schemas import InputRecord
 
-__all__ = ["create_job", "enqueue_job", "submit_job"]
+__all__ = ["Submission", "create_job", "enqueue_job", "submit_job"]
 
 
 def create_job(
@@ -52,21 +53,25 @@ def _job_with_key(url: str, key: str | None) -> str | None:
         return job.id if job else None
 
 
-def submit_job(
-    url: str,
-    recipe: Recipe,
-    records: Sequence[InputRecord],
-    *,
-    name: str | None = None,
-    priority: int = 0,
-    idempotency_key: str | None = None,
-) -> tuple[str, bool]:
+@dataclass(frozen=True)
+class Submission:
+    """A validated job request: what the API (or any client of this module) asks to run."""
+
+    recipe: Recipe
+    records: Sequence[InputRecord]
+    name: str | None = None
+    priority: int = 0
+
+
+def submit_job(url: str, job: Submission, idempotency_key: str | None = None) -> tuple[str, bool]:
     """Store and enqueue a job; returns (job id, created). A key already used returns its job, uncreated."""
     existing = _job_with_key(url, idempotency_key)
     if existing is not None:
         return existing, False
     try:
-        job_id = create_job(url, recipe, records, name, priority=priority, idempotency_key=idempotency_key)
+        job_id = create_job(
+            url, job.recipe, job.records, job.name, priority=job.priority, idempotency_key=idempotency_key
+        )
     except IntegrityError:
         # A concurrent submit with the same key committed first: its job is the answer.
         existing = _job_with_key(url, idempotency_key)

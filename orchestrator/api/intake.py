@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -13,22 +12,15 @@ from starlette.datastructures import UploadFile
 from orchestrator.api.problems import ProblemError, validation_problem
 from orchestrator.api.schemas import JobCreate
 from orchestrator.inputs import InputError, parse_records
+from orchestrator.jobs import Submission
 from orchestrator.recipes import Recipe, RecipeError, available_recipes, load_recipe, parse_recipe
 from orchestrator.schemas import InputRecord
 from orchestrator.settings import Settings
 
-__all__ = ["Submission", "read_submission"]
+__all__ = ["read_submission", "resolve_recipe"]
 
 # Names stored in VARCHAR(200) columns (job recipe name, candidate and output model).
 MAX_NAME = 200
-
-
-@dataclass(frozen=True)
-class Submission:
-    recipe: Recipe
-    records: list[InputRecord]
-    name: str | None
-    priority: int
 
 
 def _unprocessable(message: str) -> ProblemError:

@@ -71,15 +71,7 @@ async def create_job(
 ) -> JobPublic:
     """Validate the recipe and every item, store the job and its items in one transaction, then enqueue."""
     submission = await read_submission(request, settings)
-    job_id, created = await run_in_threadpool(
-        submit_job,
-        settings.database_url,
-        submission.recipe,
-        submission.records,
-        name=submission.name,
-        priority=submission.priority,
-        idempotency_key=idempotency_key,
-    )
+    job_id, created = await run_in_threadpool(submit_job, settings.database_url, submission, idempotency_key)
     if not created:
         response.status_code = 200
     return await run_in_threadpool(_job_public, settings.database_url, job_id)
@@ -133,9 +125,13 @@ def _chunks(lines: Iterator[str]) -> Iterator[str]:
     responses={200: {"content": {"application/x-ndjson": {}, "application/json": {}}}, **_PROBLEMS},
 )
 def read_results(
-    job: JobDep, settings: SettingsDep, format: Annotated[ExportFormat, Query()] = ExportFormat.JSONL
+    job: JobDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    format: Annotated[ExportFormat, Query()] = ExportFormat.JSONL,
 ) -> StreamingResponse:
     """Stream the finished items (the job may still run): AlpacaEval JSON, JSONL, or JSONL with pools."""
+    session.close()  # the export reads in pages of its own; hold no connection while the client reads
     lines = export_lines(settings.database_url, job.id, format, f"slimmoa-{job.recipe_name}")
     alpaca = format == ExportFormat.ALPACA_EVAL
     filename = f"{job.id}.{'json' if alpaca else 'jsonl'}"
