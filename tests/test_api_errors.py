@@ -277,3 +277,20 @@ def test_health_is_503_when_the_broker_is_unreachable(services: dict[str, str]) 
     body = response.json()
     assert (body["status"], body["database"]) == ("unavailable", "ok")
     assert body["broker"].startswith("unreachable")
+
+
+def test_recipe_must_be_a_name_or_an_object(client: TestClient) -> None:
+    problem = client.post("/v1/jobs", json={"recipe": 5, "items": GOOD}).json()
+    assert problem["errors"] == ["recipe: must be a recipe name or a recipe object"]
+
+
+def test_metrics_count_requests_by_route_and_jobs_by_status(client: TestClient) -> None:
+    client.get(f"/v1/jobs/{UNKNOWN}")
+    client.get("/v1/recipes")
+    text = client.get("/metrics").text
+    assert (
+        'slimmoa_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 1.0' in text
+    )
+    assert 'slimmoa_http_requests_total{method="GET",route="/v1/recipes",status="200"} 1.0' in text
+    assert 'slimmoa_http_request_seconds_count{method="GET",route="/v1/recipes"} 1.0' in text
+    assert 'slimmoa_jobs{status="cancelled"}' in text and 'slimmoa_jobs{status="running"}' in text

@@ -1,4 +1,5 @@
-"""The FastAPI application: `/v1` routes behind the bearer token, health probes, a request size limit.
+"""The FastAPI application: `/v1` routes behind the bearer token, health probes, `/metrics`, a request
+size limit.
 
 Run it with `slimmoa api` (uvicorn). OpenAPI is served at `/openapi.json` and `/docs`.
 """
@@ -10,10 +11,12 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
+from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.api import health, jobs, recipes
 from orchestrator.api.deps import require_token
+from orchestrator.api.metrics import RequestMetrics, metrics_router
 from orchestrator.api.problems import install_handlers, problem_response
 from orchestrator.api.schemas import JobCreate, JobUpload, Problem
 from orchestrator.settings import Settings, get_settings
@@ -115,6 +118,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1)
     app.include_router(health.router)
     install_handlers(app)
+    registry = CollectorRegistry()
+    app.include_router(metrics_router(registry, settings))
     app.add_middleware(BodySizeLimit, limit=chosen.max_request_bytes)
+    app.add_middleware(RequestMetrics, registry=registry)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

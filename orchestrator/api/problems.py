@@ -9,6 +9,7 @@ Paths read like the request: `items[37].instruction: must not be empty`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from http import HTTPStatus
 from typing import Any
@@ -24,6 +25,8 @@ from orchestrator.api.schemas import Problem
 __all__ = ["ProblemError", "field_errors", "install_handlers", "problem_response", "validation_problem"]
 
 MEDIA_TYPE = "application/problem+json"
+
+log = logging.getLogger(__name__)
 
 
 class ProblemError(Exception):
@@ -85,6 +88,11 @@ def install_handlers(app: FastAPI) -> None:
         problem = validation_problem(exc)
         return problem_response(problem.status, problem.detail, problem.errors)
 
+    async def on_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return problem_response(500, "internal error; the server log has the details")
+
     app.add_exception_handler(ProblemError, on_problem)
+    app.add_exception_handler(Exception, on_error)
     app.add_exception_handler(HTTPException, on_http)
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from db.models import FINAL_JOB_STATUSES, Item, Job, JobStatus, Output
 from db.queries import JobCounts
@@ -61,6 +61,14 @@ class JobCreate(BaseModel):
     items: list[InputRecord] = Field(min_length=1)
     name: str | None = Field(default=None, max_length=200)
     priority: int = Field(default=0, ge=0, le=9, description="0 (lowest) to 9; recorded with the job.")
+
+    @field_validator("recipe", mode="before")
+    @classmethod
+    def _name_or_object(cls, value: object) -> object:
+        # One clear message instead of one per member of the union.
+        if not isinstance(value, str | dict):
+            raise ValueError("must be a recipe name or a recipe object")
+        return value
 
 
 class JobUpload(BaseModel):
