@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from db.models import Item, Job
 from db.session import session_scope
-from orchestrator.api import create_app
+from orchestrator.api.app import create_app
 from orchestrator.settings import Settings, get_settings
 
 RECIPE: dict[str, Any] = {
@@ -74,6 +74,11 @@ JSON_ERRORS = [
         "priority: Input should be less than or equal to 9",
     ),
     ({"recipe": "synthetic", "items": GOOD, "colour": "red"}, "colour: Extra inputs are not permitted"),
+    ({"recipe": "synthetic", "items": GOOD, "name": "a\u0000"}, "name: must not contain NUL characters"),
+    (
+        {"recipe": {**RECIPE, "description": "x\u0000", "name": "n" * 201}, "items": GOOD},
+        "recipe: names of the recipe and its models: at most 200 characters, no NUL",
+    ),
     (
         {"recipe": "nope", "items": GOOD},
         "recipe: unknown recipe 'nope' (known recipes: embedded, slimmoa-a100, synthetic)",
@@ -288,9 +293,7 @@ def test_metrics_count_requests_by_route_and_jobs_by_status(client: TestClient) 
     client.get(f"/v1/jobs/{UNKNOWN}")
     client.get("/v1/recipes")
     text = client.get("/metrics").text
-    assert (
-        'slimmoa_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 1.0' in text
-    )
+    assert 'slimmoa_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 1.0' in text
     assert 'slimmoa_http_requests_total{method="GET",route="/v1/recipes",status="200"} 1.0' in text
     assert 'slimmoa_http_request_seconds_count{method="GET",route="/v1/recipes"} 1.0' in text
     assert 'slimmoa_jobs{status="cancelled"}' in text and 'slimmoa_jobs{status="running"}' in text

@@ -16,7 +16,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from orchestrator.api import create_app
+from orchestrator.api.app import create_app
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", create_app())
 

@@ -1,5 +1,4 @@
-"""The HTTP API (`/v1`), served by `slimmoa api`."""
+"""The HTTP API (`/v1`), served by `slimmoa api`; the app factory is `orchestrator.api.app.create_app`.
 
-from orchestrator.api.app import create_app
-
-__all__ = ["create_app"]
+Kept empty so that the CLI and the client can import the API's schemas without loading the server.
+"""

@@ -46,9 +46,9 @@ _SUBMIT_BODY: dict[str, Any] = {
         },
     }
 }
-_PROBLEMS: dict[int | str, dict[str, Any]] = {
-    status: {"model": Problem} for status in (401, 404, 409, 413, 415, 422)
-}
+# Route-specific errors; 401, 422 (and 400, 413 where a body is read) are added to every /v1 route.
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem}}
+_CONFLICT: dict[int | str, dict[str, Any]] = {**_NOT_FOUND, 409: {"model": Problem}}
 # Lines per chunk of a streamed export: one thread hop per chunk instead of per line.
 CHUNK_LINES = 200
 
@@ -58,7 +58,10 @@ CHUNK_LINES = 200
     status_code=201,
     response_model=JobPublic,
     openapi_extra=_SUBMIT_BODY,
-    responses={200: {"model": JobPublic, "description": "A retried submit: the first job."}, **_PROBLEMS},
+    responses={
+        200: {"model": JobPublic, "description": "A retried submit: the first job."},
+        415: {"model": Problem},
+    },
 )
 async def create_job(
     request: Request,
@@ -88,14 +91,14 @@ def list_jobs(session: SessionDep, page: PageDep, status: JobStatus | None = Non
     return JobsPublic(data=[JobPublic.model_validate(job) for job in jobs], count=count)
 
 
-@router.get("/{job_id}", response_model=JobDetailPublic, responses=_PROBLEMS)
+@router.get("/{job_id}", response_model=JobDetailPublic, responses=_NOT_FOUND)
 def read_job(job: JobDep, session: SessionDep) -> JobDetailPublic:
     """The job with its progress: counts per stage and status, tokens, rate and ETA."""
     progress = ProgressPublic.of(job, queries.job_counts(session, job.id))
     return JobDetailPublic(**JobPublic.model_validate(job).model_dump(), progress=progress)
 
 
-@router.get("/{job_id}/items", response_model=ItemsPublic, responses=_PROBLEMS)
+@router.get("/{job_id}/items", response_model=ItemsPublic, responses=_NOT_FOUND)
 def list_items(
     job: JobDep, session: SessionDep, page: PageDep, status: ItemStatus | None = None
 ) -> ItemsPublic:
@@ -103,7 +106,7 @@ def list_items(
     return ItemsPublic(data=[ItemPublic.model_validate(item) for item in items], count=count)
 
 
-@router.get("/{job_id}/items/{item_id}", response_model=ItemDetailPublic, responses=_PROBLEMS)
+@router.get("/{job_id}/items/{item_id}", response_model=ItemDetailPublic, responses=_NOT_FOUND)
 def read_item(
     job: JobDep, session: SessionDep, item_id: Annotated[int, Path(ge=1, le=MAX_ID)]
 ) -> ItemDetailPublic:
@@ -122,7 +125,7 @@ def _chunks(lines: Iterator[str]) -> Iterator[str]:
 @router.get(
     "/{job_id}/results",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/x-ndjson": {}, "application/json": {}}}, **_PROBLEMS},
+    responses={200: {"content": {"application/x-ndjson": {}, "application/json": {}}}, **_NOT_FOUND},
 )
 def read_results(
     job: JobDep,
@@ -142,7 +145,7 @@ def read_results(
     )
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic, responses=_PROBLEMS)
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=_CONFLICT)
 def cancel_job(job: JobDep, session: SessionDep) -> JobPublic:
     """Cancel: queued stages are dropped, running ones finish, the job ends `cancelled`."""
     if job.status != JobStatus.CANCELLED and not queries.cancel_job(session, job.id):
@@ -153,7 +156,7 @@ def cancel_job(job: JobDep, session: SessionDep) -> JobPublic:
     return JobPublic.model_validate(job)
 
 
-@router.post("/{job_id}/retry", response_model=RetryResult, responses=_PROBLEMS)
+@router.post("/{job_id}/retry", response_model=RetryResult, responses=_CONFLICT)
 def retry(job: JobDep, settings: SettingsDep, retry_in: RetryCreate | None = None) -> RetryResult:
     """Re-run the failed stages of a job (all, or only the named items)."""
     chosen = retry_in or RetryCreate()

@@ -62,6 +62,13 @@ class JobCreate(BaseModel):
     name: str | None = Field(default=None, max_length=200)
     priority: int = Field(default=0, ge=0, le=9, description="0 (lowest) to 9; recorded with the job.")
 
+    @field_validator("name")
+    @classmethod
+    def _name_storable(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
+
     @field_validator("recipe", mode="before")
     @classmethod
     def _name_or_object(cls, value: object) -> object:
