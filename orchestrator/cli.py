@@ -335,9 +335,13 @@ def export(
 ) -> None:
     """Download a job's finished results (the job may still run)."""
     partial = output.with_name(output.name + ".partial")
-    with _api(url, token) as client, partial.open("wb") as handle:
-        for chunk in client.results(job_id, export_format):
-            handle.write(chunk)
+    try:
+        with _api(url, token) as client, partial.open("wb") as handle:
+            for chunk in client.results(job_id, export_format):
+                handle.write(chunk)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     partial.replace(output)
     console.print(f"{export_format.value} export of job {job_id}: {output}")
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -277,3 +278,17 @@ def test_recipes_and_health(api: httpx.Client) -> None:
     body = spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", "multipart/form-data"}
     assert {"JobCreate", "JobUpload", "InputRecord"} <= set(spec["components"]["schemas"])
+
+
+def test_concurrent_submits_with_one_key_make_one_job(api_url: str, worker: subprocess.Popen[bytes]) -> None:
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    body = {"recipe": FAST, "items": items(50)}
+
+    def send(_: int) -> httpx.Response:
+        with httpx.Client(base_url=api_url, timeout=60) as own:
+            return own.post("/v1/jobs", json=body, headers=key)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        responses = list(pool.map(send, range(4)))
+    assert sorted(r.status_code for r in responses) == [200, 200, 200, 201]
+    assert len({r.json()["id"] for r in responses}) == 1

@@ -84,7 +84,7 @@ def test_errors_exit_nonzero_with_the_api_message(
     values = {"prompts": str(prompts(tmp_path, 1)), "out": str(tmp_path / "out.jsonl")}
     result = slimmoa(*[a.format(**values) for a in args], "--api", api_url)
     assert result.exit_code in (1, 2) and message in result.stderr, result.output
-    assert not (tmp_path / "out.jsonl").exists()
+    assert not (tmp_path / "out.jsonl").exists() and not list(tmp_path.glob("*.partial"))
 
 
 def test_an_unreachable_api(tmp_path: Path) -> None:
