@@ -68,7 +68,8 @@ def test_submit_progress_results_while_running_then_succeeded(
 ) -> None:
     total = 40
     job = submit_json(api, SLOW_AGGREGATOR, total, name="slow")
-    assert (job["status"], job["total_items"], job["items_done"], job["name"]) == ("queued", total, 0, "slow")
+    assert (job["total_items"], job["items_done"], job["name"]) == (total, 0, "slow")
+    assert job["status"] in {"queued", "running"}, "dispatch may start before the answer is read"
 
     seen: list[tuple[int, int]] = []
     while True:

@@ -30,7 +30,7 @@ def test_submit_watch_export(tmp_path: Path, api_url: str, worker: subprocess.Po
     submitted = slimmoa("submit", str(prompts(tmp_path, 6)), "--recipe", "synthetic", "--api", api_url)
     assert submitted.exit_code == 0, submitted.output
     job_id = submitted.stdout.strip()
-    assert len(job_id) == 32 and "6 items, recipe synthetic, queued" in submitted.stderr
+    assert len(job_id) == 32 and f"job {job_id}: 6 items, recipe synthetic" in submitted.stderr
 
     watched = slimmoa("status", job_id, "--watch", "--interval", "0.2", SLIMMOA_API_URL=api_url)
     assert watched.exit_code == 0, watched.output
