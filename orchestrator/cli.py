@@ -195,6 +195,9 @@ def worker(
     ] = None,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Threads: generations in flight.")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
+    beat: Annotated[
+        bool, typer.Option(help="Also run the periodic recovery sweep (one worker only).")
+    ] = False,
 ) -> None:
     """Start a Celery worker that hosts the engines (threads pool: vLLM cannot live in a prefork child)."""
     settings = get_settings()
@@ -216,7 +219,28 @@ def worker(
             loglevel,
             "--without-gossip",
             "--without-mingle",
+            *(["--beat"] if beat else []),
         ]
+    )
+
+
+@cli.command()
+def recover(
+    grace: Annotated[
+        float | None, typer.Option(help="Leave items alone that had activity this many seconds ago.")
+    ] = None,
+) -> None:
+    """Re-enqueue stages that are neither done, queued nor running (lost with a worker or the broker)."""
+    from orchestrator.recovery import sweep
+
+    settings = get_settings()
+    if not settings.redis_url or not settings.database_url:
+        raise _fail("recover needs REDIS_URL and DATABASE_URL")
+    result = sweep(settings.database_url, grace_s=grace)
+    console.print(
+        f"checked {result.items_checked} stalled items: re-sent {result.proposer_chords} proposer chords, "
+        f"{result.layer_checks} layer checks, {result.aggregators} aggregators; "
+        f"{result.skipped_in_flight} still in flight"
     )
 
 

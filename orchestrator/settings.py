@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     # Threads of the inference worker: the number of generations in flight that the engines can batch.
     inference_concurrency: int = 16
 
+    # The recovery sweep leaves items alone that had a dispatch or a candidate this recently.
+    recovery_grace_s: float = 120.0
+    # How often a worker started with --beat runs the sweep.
+    recovery_interval_s: float = 300.0
+
     slimmoa_faults: dict[str, FaultSpec] = Field(default_factory=dict)
 
     @field_validator("database_url")
