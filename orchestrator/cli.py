@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -219,7 +220,12 @@ def worker(
             loglevel,
             "--without-gossip",
             "--without-mingle",
-            *(["--beat"] if beat else []),
+            # Interval schedules only: beat's state file can live in the temp folder.
+            *(
+                ["--beat", "--schedule", str(Path(tempfile.gettempdir()) / f"slimmoa-beat-{os.getpid()}")]
+                if beat
+                else []
+            ),
         ]
     )
 

@@ -17,6 +17,8 @@ class FaultSpec(BaseModel):
     """Injected engine faults for one model; tests only, never reachable from recipes or the API."""
 
     error_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    # With probability hang_rate a request sleeps hang_seconds before answering (a hung engine).
+    hang_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     hang_seconds: float = Field(default=0.0, ge=0.0)
 
 

@@ -71,13 +71,14 @@ def point_app_at(env: dict[str, str]) -> None:
 class Worker:
     """A real `slimmoa worker` process that a test can kill and start again."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()) -> None:
         self.env = env
+        self.args = args
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, **extra_env: str) -> None:
-        command = [sys.executable, "-m", "orchestrator.cli", "worker", "--concurrency", "8"]
+        command = [sys.executable, "-m", "orchestrator.cli", "worker", "--concurrency", "8", *self.args]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 command, env={**os.environ, **self.env, **extra_env}, stdout=log, stderr=subprocess.STDOUT
@@ -117,8 +118,8 @@ def private_broker(database_url: str, services: dict[str, str]) -> Iterator[dict
 def worker_factory(private_broker: dict[str, str], tmp_path: Path) -> Iterator[Any]:
     workers: list[Worker] = []
 
-    def make(env: dict[str, str] | None = None) -> Worker:
-        worker = Worker({**private_broker, **(env or {})}, tmp_path / f"worker{len(workers)}.log")
+    def make(env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Worker:
+        worker = Worker({**private_broker, **(env or {})}, tmp_path / f"worker{len(workers)}.log", args)
         workers.append(worker)
         return worker
 
@@ -387,3 +388,40 @@ def test_workers_reconnect_after_a_database_restart(
     with engine.connect() as connection:
         assert connection.execute(text("select count(*) from candidates")).scalar() == 90
     engine.dispose()
+
+
+def test_hung_requests_time_out_and_are_retried(database_url: str, worker_factory: Any) -> None:
+    faults = {"flaky": {"hang_rate": 0.3, "hang_seconds": 30}}
+    worker = worker_factory(
+        {
+            "SLIMMOA_FAULTS": json.dumps(faults),
+            "ENGINE_REQUEST_TIMEOUT_S": "0.5",
+            "STAGE_MAX_RETRIES": "8",
+            "STAGE_RETRY_BACKOFF_S": "0.02",
+        }
+    )
+    worker.start()
+    job_id = create_job(database_url, recipe(0), sample_records(12))
+    enqueue_job(job_id)
+    job, _ = finish_with_sweeps(database_url, job_id)
+    assert (job.status, job.items_succeeded) == ("succeeded", 12)
+    with session_scope(database_url) as session:
+        flaky = [
+            c
+            for item, _ in queries.job_outputs(session, job_id)
+            for c in item.candidates
+            if c.model == "flaky"
+        ]
+    assert len(flaky) == 12 and max(c.attempt for c in flaky) > 1, "some requests hung and were retried"
+    assert_complete_and_unique(database_url, job_id, 12)
+
+
+def test_a_worker_with_beat_sweeps_by_itself(database_url: str, worker_factory: Any) -> None:
+    worker = worker_factory({"RECOVERY_INTERVAL_S": "1", "RECOVERY_GRACE_S": "1"}, args=("--beat",))
+    worker.start()
+    # Stored but never enqueued: only the periodic sweep can start it.
+    job_id = create_job(database_url, recipe(0), sample_records(5))
+    wait_until(
+        lambda: job_state(database_url, job_id).status == "succeeded", 120, "the beat sweep to finish the job"
+    )
+    assert_complete_and_unique(database_url, job_id, 5)
