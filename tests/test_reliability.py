@@ -33,7 +33,7 @@ from orchestrator.celery_app import app as celery_app
 from orchestrator.celery_app import configure
 from orchestrator.embedded import private_redis
 from orchestrator.jobs import create_job, enqueue_job
-from orchestrator.recovery import retry_job, sweep
+from orchestrator.recovery import NotRetryable, RetryStage, retry_job, sweep
 from orchestrator.settings import get_settings
 from tests.conftest import recipe_from_yaml, sample_records
 
@@ -425,3 +425,33 @@ def test_a_worker_with_beat_sweeps_by_itself(database_url: str, worker_factory: 
         lambda: job_state(database_url, job_id).status == "succeeded", 120, "the beat sweep to finish the job"
     )
     assert_complete_and_unique(database_url, job_id, 5)
+
+
+def test_retrying_a_failed_aggregator_keeps_the_pool(database_url: str, worker_factory: Any) -> None:
+    broken = worker_factory(
+        {
+            "SLIMMOA_FAULTS": json.dumps({"synth-agg": {"error_rate": 1.0}}),
+            "STAGE_MAX_RETRIES": "1",
+            "STAGE_RETRY_BACKOFF_S": "0.02",
+        }
+    )
+    broken.start()
+    job_id = create_job(database_url, recipe(0), sample_records(6))
+    enqueue_job(job_id)
+    job, _ = finish_with_sweeps(database_url, job_id)
+    assert (job.status, job.items_failed) == ("failed", 6)
+    before = candidates_by_slot(database_url, job_id)
+    assert len(before) == 18
+    broken.stop()
+
+    healthy = worker_factory()
+    healthy.start()
+    result = retry_job(database_url, job_id, stage=RetryStage.AGGREGATOR)
+    assert (result.items_reopened, result.proposer_items, len(result.aggregator_items)) == (6, [], 6)
+    assert job_state(database_url, job_id).status == "running"
+    job, _ = finish_with_sweeps(database_url, job_id)
+    assert (job.status, job.items_succeeded, job.items_failed) == ("succeeded", 6, 0)
+    assert candidates_by_slot(database_url, job_id) == before, "the pool was not regenerated"
+    assert_complete_and_unique(database_url, job_id, 6)
+    with pytest.raises(NotRetryable, match="are not items of job"):
+        retry_job(database_url, job_id, item_ids=[-1])
