@@ -182,7 +182,10 @@ def record_candidate(session: Session, item_id: int, layer: int, slot: int, reco
         set_=updatable,
         where=Candidate.error.is_not(None),
     )
-    session.execute(statement)
+    written = session.execute(statement.returning(Candidate.id)).scalar_one_or_none()
+    if written is not None:
+        return int(written)
+    # The slot was already finished (a redelivered task): keep that row and return its id.
     candidate = get_candidate(session, item_id, layer, slot)
     assert candidate is not None
     return candidate.id
