@@ -260,6 +260,47 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     console.print(f"database at {url} is at revision {revision}")
 
 
+@cli.command()
+def plan(
+    recipe: Annotated[str, typer.Argument(help="Recipe name or path.")],
+    gpu_memory_gb: Annotated[
+        float, typer.Option(min=0.1, help="Device memory budget (RAM on a CPU box).")
+    ] = 80.0,
+) -> None:
+    """Print the memory plan of a recipe: resident models, the swap slot, KV-cache room, loads per stage."""
+    from rich.table import Table
+
+    from orchestrator.planning import plan_memory
+
+    try:
+        chosen = load_recipe(recipe, get_settings().recipes_dir)
+    except RecipeError as exc:
+        raise _fail(str(exc)) from None
+    memory_plan = plan_memory(chosen, gpu_memory_gb)
+    table = Table(title=f"{chosen.name} on {gpu_memory_gb:g} GB")
+    for column in ("model", "memory GB", "weights GB", "KV cache GB", "placement", "used in"):
+        table.add_column(column)
+    for model in memory_plan.models:
+        table.add_row(
+            model.name,
+            f"{model.memory_gb:g}",
+            "?" if model.weights_gb is None else f"{model.weights_gb:g}",
+            "?" if model.kv_cache_gb is None else f"{model.kv_cache_gb:g}",
+            "resident" if model.resident else "swaps",
+            ", ".join(model.used_in),
+        )
+    console.print(table)
+    console.print(
+        f"resident: {memory_plan.resident_gb:g} GB; swap slot: {memory_plan.swap_slot_gb:g} GB; "
+        f"peak: {memory_plan.resident_gb + memory_plan.swap_slot_gb:g} of {gpu_memory_gb:g} GB"
+    )
+    for stage, models in memory_plan.loads:
+        console.print(f"  {stage}: load {', '.join(models) if models else 'nothing'}")
+    console.print(f"loads per job: {memory_plan.total_loads} (one per swapped model per layer, not per item)")
+    if not memory_plan.fits:
+        raise _fail("does not fit: " + "; ".join(memory_plan.problems), code=1)
+
+
 @models_cli.command("prepare")
 def models_prepare() -> None:
     """Convert the embedded models shipped in Python packages into the model cache (once)."""
