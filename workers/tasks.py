@@ -26,6 +26,7 @@ from orchestrator.recipes import Recipe, SamplingSpec
 from orchestrator.settings import get_settings
 from workers.engine_host import EngineHost
 from workers.engines import ChatRequest, EngineError, EngineUnavailable, Generation
+from workers.metrics import STAGES
 
 __all__ = ["run_aggregator", "run_proposer"]
 
@@ -160,7 +161,9 @@ def run_proposer(self: Task, item_id: int, layer: int, slot: int) -> int | None:
             attempt=attempt,
         )
     with session_scope(url) as session:
-        return queries.record_candidate(session, item_id, layer, slot, record)
+        candidate_id = queries.record_candidate(session, item_id, layer, slot, record)
+    STAGES.labels("proposer", "failed" if generation is None else "ok").inc()
+    return candidate_id
 
 
 @app.task(name=TASK_AGGREGATOR, bind=True, acks_late=True, **DATABASE_RETRY)
@@ -227,11 +230,13 @@ def run_aggregator(self: Task, item_id: int) -> str | None:
             queries.finish_item(
                 session, item_id, status, error=note, truncation=[truncation] if truncation else None
             )
+    STAGES.labels("aggregator", status).inc()
     return status
 
 
 def _fail(url: str, item_id: int, error: str) -> str:
     log.warning("aggregator item=%s failed: %s", item_id, error)
+    STAGES.labels("aggregator", ItemStatus.FAILED).inc()
     with session_scope(url) as session:
         queries.finish_item(session, item_id, ItemStatus.FAILED, error=error)
     return ItemStatus.FAILED
