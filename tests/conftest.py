@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -189,9 +190,27 @@ def api_server(services: dict[str, str], log_path: Path, **env: str) -> Iterator
 
 
 @pytest.fixture(scope="session")
-def api_url(services: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def api_recipes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped recipes plus `api-synthetic`: the synthetic recipe with model names of its own.
+
+    The session worker keeps one engine per model definition; jobs through the API use their own
+    names, so they never add a second definition of a model other tests count engines of.
+    """
+    folder = tmp_path_factory.mktemp("recipes")
+    for recipe in project_path("recipes").glob("*.yaml"):
+        shutil.copy(recipe, folder / recipe.name)
+    synthetic = project_path("recipes", "synthetic.yaml").read_text()
+    renamed = synthetic.replace("name: synthetic", "name: api-synthetic").replace("synth-", "api-synth-")
+    (folder / "api-synthetic.yaml").write_text(renamed)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def api_url(
+    services: dict[str, str], api_recipes: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """The session's live API, without a token."""
-    env = {"SLIMMOA_API_TOKEN": ""}
+    env = {"SLIMMOA_API_TOKEN": "", "RECIPES_DIR": str(api_recipes)}
     with api_server(services, tmp_path_factory.mktemp("api") / "api.log", **env) as url:
         yield url
 

@@ -112,7 +112,8 @@ def test_submit_progress_results_while_running_then_succeeded(
     lines = results(api, job["id"], "jsonl")
     records = sample_records(total)
     assert [line["id"] for line in lines] == [r.id for r in records]
-    assert lines[: len(partial)] == partial, "finished results do not change"
+    by_id = {line["id"]: line for line in lines}
+    assert [by_id[line["id"]] for line in partial] == partial, "finished results do not change"
     alpaca = results(api, job["id"], "alpaca_eval")
     assert [set(a) for a in alpaca] == [{"id", "instruction", "output", "generator", "dataset"}] * total
     assert {a["generator"] for a in alpaca} == {"slimmoa-api-slow"}
@@ -249,13 +250,13 @@ def test_upload_jsonl_and_alpaca_eval_json(api: httpx.Client, worker: subprocess
         response = api.post(
             "/v1/jobs",
             files={"file": (filename, content)},
-            data={"recipe": "synthetic", "name": filename, "priority": "3"},
+            data={"recipe": "api-synthetic", "name": filename, "priority": "3"},
         )
         assert response.status_code == 201, response.text
         job = response.json()
         assert (job["total_items"], job["recipe_name"], job["priority"], job["name"]) == (
             3,
-            "synthetic",
+            "api-synthetic",
             3,
             filename,
         )
@@ -269,6 +270,7 @@ def test_recipes_and_health(api: httpx.Client) -> None:
     assert recipes["count"] == len(by_name) and {"embedded", "synthetic", "slimmoa-a100"} <= set(by_name)
     assert by_name["synthetic"]["layers"] == [["synth-a", "synth-b", "synth-c"]]
     assert by_name["synthetic"]["models"]["synth-agg"] == "synthetic"
+    assert by_name["api-synthetic"]["layers"] == [["api-synth-a", "api-synth-b", "api-synth-c"]]
     assert api.get("/healthz").json() == {"status": "ok", "database": "ok", "broker": "ok"}
     assert api.get("/readyz").status_code == 200
     assert api.get("/docs").status_code == 200

@@ -27,14 +27,14 @@ def prompts(tmp_path: Path, count: int) -> Path:
 
 
 def test_submit_watch_export(tmp_path: Path, api_url: str, worker: subprocess.Popen[bytes]) -> None:
-    submitted = slimmoa("submit", str(prompts(tmp_path, 6)), "--recipe", "synthetic", "--api", api_url)
+    submitted = slimmoa("submit", str(prompts(tmp_path, 6)), "--recipe", "api-synthetic", "--api", api_url)
     assert submitted.exit_code == 0, submitted.output
     job_id = submitted.stdout.strip()
-    assert len(job_id) == 32 and f"job {job_id}: 6 items, recipe synthetic" in submitted.stderr
+    assert len(job_id) == 32 and f"job {job_id}: 6 items, recipe api-synthetic" in submitted.stderr
 
     watched = slimmoa("status", job_id, "--watch", "--interval", "0.2", SLIMMOA_API_URL=api_url)
     assert watched.exit_code == 0, watched.output
-    assert f"job {job_id} (synthetic): succeeded" in watched.stdout
+    assert f"job {job_id} (api-synthetic): succeeded" in watched.stdout
     assert "proposers L0" in watched.stdout and "aggregator" in watched.stdout
 
     for fmt, name in (("alpaca_eval", "out.json"), ("jsonl", "out.jsonl"), ("pools", "pools.jsonl")):
@@ -43,7 +43,7 @@ def test_submit_watch_export(tmp_path: Path, api_url: str, worker: subprocess.Po
     alpaca = json.loads((tmp_path / "out.json").read_text())
     sample = [json.loads(line) for line in SAMPLE_LINES[:6]]
     assert [a["instruction"] for a in alpaca] == [s["instruction"] for s in sample]
-    assert {a["generator"] for a in alpaca} == {"slimmoa-synthetic"}
+    assert {a["generator"] for a in alpaca} == {"slimmoa-api-synthetic"}
     lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [line["output"] for line in lines] == [a["output"] for a in alpaca]
     pools = [json.loads(line) for line in (tmp_path / "pools.jsonl").read_text().splitlines()]
@@ -60,7 +60,7 @@ def test_submit_watch_export(tmp_path: Path, api_url: str, worker: subprocess.Po
 
 
 def test_cancel_a_running_job(tmp_path: Path, api_url: str, worker: subprocess.Popen[bytes]) -> None:
-    submitted = slimmoa("submit", str(prompts(tmp_path, 300)), "--recipe", "synthetic", "--api", api_url)
+    submitted = slimmoa("submit", str(prompts(tmp_path, 300)), "--recipe", "api-synthetic", "--api", api_url)
     job_id = submitted.stdout.strip()
     cancelled = slimmoa("cancel", job_id, "--api", api_url)
     assert cancelled.exit_code == 0, cancelled.output
