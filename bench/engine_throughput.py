@@ -40,9 +40,15 @@ def offline(instructions: list[str], max_tokens: int, model_dir: Path) -> float:
     """Tokens/s of vLLM's offline batch API on all requests at once (load time excluded)."""
     from vllm import LLM, SamplingParams
 
-    from workers.engines.vllm_engine import cpu_dtype
+    from workers.engines.vllm_engine import DEFAULT_CPU_KV_CACHE_GB, cpu_dtype
 
-    llm = LLM(model=str(model_dir), max_model_len=2048, enforce_eager=True, dtype=cpu_dtype("auto"))
+    llm = LLM(
+        model=str(model_dir),
+        max_model_len=2048,
+        enforce_eager=True,
+        dtype=cpu_dtype("auto"),
+        kv_cache_memory_bytes=int(DEFAULT_CPU_KV_CACHE_GB * 2**30),
+    )
     conversations = [[{"role": "user", "content": text}] for text in instructions]
     params = [
         SamplingParams(temperature=0.7, top_p=0.95, max_tokens=max_tokens, seed=1000 + i)
