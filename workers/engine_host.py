@@ -74,10 +74,23 @@ class EngineHost:
         ENGINE_IN_FLIGHT.labels(engine.name).set(in_flight)
         try:
             return self._run(engine.generate(request), self.settings.engine_request_timeout_s)
+        except EngineUnavailable:
+            if not engine.alive:
+                self._replace(engine)
+            raise
         finally:
             with self._count_lock:
                 self._in_flight[engine.name] -= 1
                 ENGINE_IN_FLIGHT.labels(engine.name).set(self._in_flight[engine.name])
+
+    def _replace(self, engine: Engine) -> None:
+        """Forget a dead engine so that the next request (the stage's retry) starts a fresh one."""
+        with self._lock:
+            for key, known in list(self._engines.items()):
+                if known is engine:
+                    log.warning("engine %s died; it is restarted on the next request", engine.name)
+                    del self._engines[key]
+                    asyncio.run_coroutine_threadsafe(engine.close(), self._loop)
 
     def shutdown(self) -> None:
         with self._lock:

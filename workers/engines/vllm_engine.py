@@ -64,6 +64,7 @@ class VllmEngine(Engine):
         self._llm: Any = None
         self._hf: Any = None
         self._system_supported = True
+        self._on_cpu = False
 
     async def start(self) -> None:
         from transformers import AutoTokenizer
@@ -72,7 +73,7 @@ class VllmEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         weights = str(resolve_weights(self.spec, self.cache_dir))
-        on_cpu = current_platform.is_cpu()
+        on_cpu = self._on_cpu = current_platform.is_cpu()
         args: dict[str, Any] = {
             "model": weights,
             "served_model_name": self.name,
@@ -103,6 +104,10 @@ class VllmEngine(Engine):
     def system_supported(self) -> bool:
         return self._system_supported
 
+    @property
+    def alive(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
     async def generate(self, request: ChatRequest) -> Generation:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -116,7 +121,10 @@ class VllmEngine(Engine):
             temperature=request.temperature,
             top_p=request.top_p,
             max_tokens=request.max_tokens,
-            seed=request.seed,
+            # vLLM CPU kills its engine ("CPU Generator does not use offset") when a seeded request's
+            # prefill is split across steps, which happens whenever many prompts arrive together.
+            # There, requests sample unseeded: candidates still differ, runs are not reproducible.
+            seed=None if self._on_cpu else request.seed,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
         started = time.perf_counter()
