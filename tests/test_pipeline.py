@@ -7,6 +7,7 @@ the tests can check that every stage saw the prompt the builder makes from the p
 from __future__ import annotations
 
 import subprocess
+import uuid
 
 from sqlalchemy import func, select
 
@@ -251,24 +252,31 @@ def test_concurrent_stages_reach_the_engine_together(
 ) -> None:
     from tests.conftest import WORKER_ENV
 
+    # Model names of this test only, so the worker's metrics for them count this test's requests.
+    probe, agg = f"probe-{uuid.uuid4().hex[:6]}", f"probe-agg-{uuid.uuid4().hex[:6]}"
     recipe = recipe_from_yaml(
-        SYNTHETIC.replace("synth-a: {engine: synthetic", "synth-a: {engine: synthetic, latency_ms: 100")
+        f"""
+name: batch-probe
+models:
+  {probe}: {{engine: synthetic, latency_ms: 100}}
+  {agg}: {{engine: synthetic}}
+layers: [{{proposers: [{{model: {probe}, samples: 3, sampling: {{seed: 1}}}}]}}]
+aggregator: {{model: {agg}}}
+"""
     )
-    job_id = submit(database_url, recipe, sample_records(40))
-    assert wait_for_job(database_url, job_id).status == "succeeded"
+    for _ in range(2):  # two jobs: the engine outlives a job
+        job_id = submit(database_url, recipe, sample_records(20))
+        assert wait_for_job(database_url, job_id).status == "succeeded"
     samples = scrape(int(WORKER_ENV["WORKER_METRICS_PORT"]))
     buckets = {
         labels["le"]: value
         for labels, value in samples["slimmoa_engine_offered_batch_bucket"]
-        if labels["model"] == "synth-a"
+        if labels["model"] == probe
     }
-    total = buckets["+Inf"]
-    assert total >= 40
-    assert buckets["1.0"] < total, "some synth-a requests met others in flight: batches larger than 1"
+    assert buckets["+Inf"] == 2 * 20 * 3, "every proposer request was counted"
+    assert buckets["1.0"] < buckets["+Inf"], "requests met others in flight: batches larger than 1"
     loads = {labels["model"]: value for labels, value in samples["slimmoa_engine_loads_total"]}
-    # synth-b has the same definition in every job of this module: one engine served them all.
-    # (synth-a was redefined with a latency above, which is another engine.)
-    assert loads["synth-b"] == 1, "one engine per model for the life of the worker, across jobs"
+    assert loads[probe] == 1 and loads[agg] == 1, "one engine per model for the life of the worker"
     stages = {
         (labels["stage"], labels["outcome"]): value for labels, value in samples["slimmoa_stages_total"]
     }
