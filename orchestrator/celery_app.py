@@ -6,12 +6,21 @@ from celery import Celery
 
 from orchestrator.settings import Settings, get_settings
 
-__all__ = ["TASK_AGGREGATOR", "TASK_DISPATCH", "TASK_LAYER_DONE", "TASK_PROPOSER", "app", "configure"]
+__all__ = [
+    "TASK_AGGREGATOR",
+    "TASK_DISPATCH",
+    "TASK_JUDGE",
+    "TASK_LAYER_DONE",
+    "TASK_PROPOSER",
+    "app",
+    "configure",
+]
 
 TASK_DISPATCH = "slimmoa.dispatch"
 TASK_PROPOSER = "slimmoa.proposer"
 TASK_AGGREGATOR = "slimmoa.aggregator"
 TASK_LAYER_DONE = "slimmoa.layer_done"
+TASK_JUDGE = "slimmoa.judge"
 
 
 def configure(celery: Celery, settings: Settings) -> None:
@@ -40,6 +49,8 @@ def configure(celery: Celery, settings: Settings) -> None:
             TASK_PROPOSER: {"queue": settings.queue_inference},
             TASK_AGGREGATOR: {"queue": settings.queue_inference},
             TASK_LAYER_DONE: {"queue": settings.queue_control},
+            # A judge is a model like the stages' ones: it runs where the engines live.
+            TASK_JUDGE: {"queue": settings.queue_inference},
         },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

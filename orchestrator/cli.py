@@ -200,6 +200,7 @@ def worker(
     settings = get_settings()
     if not settings.redis_url or not settings.database_url:
         raise _fail("a worker needs REDIS_URL and DATABASE_URL")
+    import workers.judge_tasks  # (registers the judge task on the app)
     import workers.tasks  # noqa: F401  (registers the stage tasks on the app)
 
     chosen = queues or f"{settings.queue_control},{settings.queue_inference}"
@@ -241,6 +242,9 @@ def models_prepare() -> None:
 
 
 def main() -> None:
+    from orchestrator.eval_cli import register
+
+    register(cli)
     cli()
 
 
