@@ -114,10 +114,11 @@ def _judge_all(
     return summary
 
 
-def _percent(summary: dict[str, Any], value: str, error: str) -> str:
+def _percent(summary: dict[str, Any], value: str, error: str, digits: int = 2) -> str:
     if summary.get(value) is None:
         return "-"
-    return f"{summary[value]:.2f} ± {summary[error]:.2f}"
+    spread = f" ± {summary[error]:.{digits}f}" if summary.get(error) is not None else ""
+    return f"{summary[value]:.{digits}f}{spread}"
 
 
 def _summary_table(title: str, summary: dict[str, Any]) -> Table:
@@ -136,12 +137,12 @@ def _summary_table(title: str, summary: dict[str, Any]) -> Table:
     return table
 
 
-def _breakdown_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
+def _breakdown_table(title: str, rows: dict[str, dict[str, Any]]) -> Table:
     table = Table(title=title)
     for name, justify in (("group", "left"), ("n", "right"), ("win rate (%)", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for group, row in rows.items():
-        table.add_row(group, str(int(row["n"])), f"{row['win_rate']:.1f} ± {row['standard_error']:.1f}")
+        table.add_row(group, str(int(row["n"])), _percent(row, "win_rate", "standard_error", digits=1))
     return table
 
 
@@ -214,7 +215,46 @@ def compare(
     console.print(f"plot: {target}")
 
 
+def diversity(
+    job_id: Annotated[str, typer.Argument(metavar="JOB", help="The job whose candidate pools are measured.")],
+    output: Annotated[
+        Path | None, typer.Option(help="Also write every item's diversity as JSONL here.")
+    ] = None,
+) -> None:
+    """Pool diversity: mean pairwise cosine distance of the candidates' embeddings, per job and per
+    proposer pair (0: identical candidates)."""
+    from orchestrator.diversity import job_diversity
+
+    database_url = get_settings().database_url or f"sqlite:///{Path('slimmoa.db').resolve()}"
+    try:
+        result = job_diversity(database_url, job_id)
+    except LookupError as exc:
+        raise _fail(str(exc)) from None
+    table = Table(title=f"pool diversity of job {job_id} (cosine distance, all-MiniLM-L6-v2)")
+    for name, justify in (("layer", "right"), ("proposer A", "left"), ("proposer B", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table.add_column("items", justify="right")
+    table.add_column("distance", justify="right")
+    for pair in result.pairs:
+        table.add_row(
+            str(pair.layer),
+            f"{pair.slot_a}: {pair.model_a}",
+            f"{pair.slot_b}: {pair.model_b}",
+            str(pair.items),
+            f"{pair.distance:.4f}",
+        )
+    console.print(table)
+    measured = [i for i in result.items if i.distance is not None]
+    spread = f" ± {result.std:.4f} (sd)" if result.std is not None else ""
+    mean = f"{result.mean:.4f}{spread}" if result.mean is not None else "- (no pool has two candidates)"
+    console.print(f"job {job_id}: mean pool diversity {mean} over {len(measured)} pools")
+    if output is not None:
+        output.write_text("".join(i.model_dump_json() + "\n" for i in result.items), encoding="utf-8")
+        console.print(f"per item: {output}")
+
+
 def register(cli: typer.Typer) -> None:
     """Add `eval`, `compare` and `diversity` to the command line."""
     cli.command("eval")(evaluate)
     cli.command("compare")(compare)
+    cli.command("diversity")(diversity)

@@ -183,22 +183,30 @@ def enqueue_judgments(judgment_ids: list[int]) -> None:
         app.send_task(TASK_JUDGE, args=(judgment_id,))
 
 
+# Output-length buckets (characters) of the comparison: AlpacaEval outputs run from a line to pages.
+LENGTH_BUCKETS = (500, 1000, 2000, 4000)
+
+
 def _length_bucket(chars: int) -> str:
-    for limit in (500, 1000, 2000, 4000):
+    low = 0
+    for limit in LENGTH_BUCKETS:
         if chars < limit:
-            return f"<{limit}"
-    return ">=4000"
+            return f"{low}-{limit - 1}"
+        low = limit
+    return f"{low}+"
 
 
-def _breakdown(groups: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    out = {}
-    for name, preferences in sorted(groups.items()):
-        result = win_rate(preferences)
-        out[name] = {
-            "win_rate": result.win_rate,
-            "standard_error": result.standard_error,
-            "n": result.n_total,
-        }
+def _breakdown(groups: dict[str, list[float]], order: list[str]) -> dict[str, dict[str, float | None]]:
+    """Win rate, its standard error and the count per group, groups in the given order."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name in order:
+        if name in groups:
+            result = win_rate(groups[name])
+            out[name] = {
+                "win_rate": result.win_rate,
+                "standard_error": result.standard_error,
+                "n": result.n_total,
+            }
     return out
 
 
@@ -238,8 +246,11 @@ def finalize_evaluation(
             for (_, item, output), preference in zip(rows, preferences, strict=True):
                 by_dataset[item.dataset or "(none)"].append(preference)
                 by_length[_length_bucket(len(output.text))].append(preference)
-            summary["by_dataset"] = _breakdown(by_dataset)
-            summary["by_output_length"] = _breakdown(by_length)
+            summary["by_dataset"] = _breakdown(by_dataset, sorted(by_dataset))
+            lengths = [_length_bucket(limit - 1) for limit in LENGTH_BUCKETS] + [
+                _length_bucket(LENGTH_BUCKETS[-1])
+            ]
+            summary["by_output_length"] = _breakdown(by_length, lengths)
         evaluations.finish_evaluation(session, evaluation_id, status=status, summary=summary)
     summary["status"] = str(status)
     return summary

@@ -8,11 +8,12 @@ from typing import Any
 __all__ = ["plot_comparison"]
 
 
-def _panel(axis: Any, rows: dict[str, dict[str, float]], title: str, xlabel: str) -> None:
+def _panel(axis: Any, rows: dict[str, dict[str, Any]], title: str, xlabel: str) -> None:
     names = list(rows)
     rates = [rows[name]["win_rate"] for name in names]
-    errors = [rows[name]["standard_error"] for name in names]
-    axis.bar(range(len(names)), rates, yerr=[0 if e != e else e for e in errors], capsize=4, color="#4c72b0")
+    # A group of one judgment has no standard error: no error bar.
+    errors = [rows[name]["standard_error"] or 0.0 for name in names]
+    axis.bar(range(len(names)), rates, yerr=errors, capsize=4, color="#4c72b0")
     axis.axhline(50, color="grey", linestyle="--", linewidth=1)
     axis.set_xticks(range(len(names)), [f"{name}\n(n={int(rows[name]['n'])})" for name in names], fontsize=8)
     axis.set_ylim(0, 100)

@@ -39,7 +39,7 @@ class WinRate:
     """Raw win rate (percent) with its standard error, and the counts behind it."""
 
     win_rate: float
-    standard_error: float
+    standard_error: float | None
     n_total: int
     n_wins: int
     n_draws: int
@@ -55,7 +55,7 @@ class GlmFit:
     """The length-controlled win rate (percent), its standard error, and the fitted weights."""
 
     lc_win_rate: float
-    lc_standard_error: float
+    lc_standard_error: float | None
     weights: dict[str, float]
     glm: str
 
@@ -63,8 +63,13 @@ class GlmFit:
         return asdict(self)
 
 
-def _sem(values: NDArray[np.float64]) -> float:
-    return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+def _sem(values: NDArray[np.float64]) -> float | None:
+    """Standard error of the mean, in the units of `values`; None for fewer than two values."""
+    return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else value * 100
 
 
 def win_rate(preferences: Sequence[float]) -> WinRate:
@@ -75,7 +80,7 @@ def win_rate(preferences: Sequence[float]) -> WinRate:
     wins, draws = int((p > 0.5).sum()), int((p == 0.5).sum())
     return WinRate(
         win_rate=float(p.mean() * 100),
-        standard_error=_sem(p) * 100,
+        standard_error=_percent(_sem(p)),
         n_total=len(p),
         n_wins=wins,
         n_draws=draws,
@@ -133,7 +138,7 @@ def fit_length_controlled(
     predicted = _sigmoid(neutral @ weights)
     return GlmFit(
         lc_win_rate=float(predicted.mean() * 100),
-        lc_standard_error=_sem(predicted) * 100,
+        lc_standard_error=_percent(_sem(predicted)),
         weights={name: float(w) for name, w in zip(columns, weights, strict=True)},
         glm="length_controlled_noreg" if difficulties is not None else "length_controlled_minimal",
     )

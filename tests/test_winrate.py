@@ -69,3 +69,8 @@ def test_longer_outputs_that_win_lose_credit_once_length_is_controlled() -> None
 def test_no_preferences_is_an_error() -> None:
     with pytest.raises(ValueError, match="no preferences"):
         win_rate([])
+
+
+def test_one_preference_has_a_win_rate_but_no_standard_error() -> None:
+    result = win_rate([0.7])
+    assert result.win_rate == pytest.approx(70.0) and result.standard_error is None
