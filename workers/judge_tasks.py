@@ -58,7 +58,7 @@ def run_judge(self: Task, judgment_id: int) -> float | None:
             evaluations.record_judgment(session, judgment_id, Verdict(preference=None, error=error))
             return None
         instruction, model_text, reference = judgment.item.instruction, output.text, judgment.reference_output
-        model_first, seed = judgment.swapped, evaluation.seed
+        model_first = judgment.swapped
         spec_data = dict(evaluation.judge_spec)
     name = str(spec_data.pop("name"))
     spec = _SPECS[spec_data["engine"]].model_validate(spec_data)
@@ -68,9 +68,8 @@ def run_judge(self: Task, judgment_id: int) -> float | None:
         engine = host.engine(name, spec)
         first, second = (model_text, reference) if model_first else (reference, model_text)
         messages = judge_messages(instruction, first, second, system_supported=engine.system_supported)
-        sampling = JUDGE_SAMPLING.model_copy(update={"seed": seed})
         request = ChatRequest.build(
-            f"judge_{judgment_id}_{attempt}", messages, sampling, logprobs=JUDGE_LOGPROBS
+            f"judge_{judgment_id}_{attempt}", messages, JUDGE_SAMPLING, logprobs=JUDGE_LOGPROBS
         )
         generation = host.generate(engine, request)
         preference = verdict_preference(generation.top_logprobs or {}, model_first=model_first)
