@@ -49,9 +49,9 @@ def test_length_controlled_win_rate_matches_the_package(model: str, glm: str) ->
     difficulty = REFERENCE["instruction_difficulty"] if glm == "length_controlled_noreg" else None
     fit = fit_length_controlled(preferences, model_lengths, reference_lengths, difficulty)
     assert fit.glm == glm
-    # The package picks its L1 penalty by 5-fold cross-validation; this fit is unpenalised, so the two
-    # agree to a hundredth of a point, not to the last digit.
-    assert fit.lc_win_rate == pytest.approx(expected["length_controlled_winrate"], abs=0.02)
+    # The package picks its L1 penalty by 5-fold cross-validation; this fit has a fixed weak L2 penalty,
+    # so the two agree to a few hundredths of a point, not to the last digit.
+    assert fit.lc_win_rate == pytest.approx(expected["length_controlled_winrate"], abs=0.05)
     assert fit.lc_standard_error == pytest.approx(expected["lc_standard_error"], abs=0.005)
 
 
@@ -63,7 +63,7 @@ def test_longer_outputs_that_win_lose_credit_once_length_is_controlled() -> None
     fit = fit_length_controlled(preferences, lengths, [250] * len(lengths))
     assert win_rate(preferences).win_rate == pytest.approx(62.0)
     assert fit.weights["length"] < 0, "a longer model output (negative delta) raises its preference"
-    assert fit.lc_win_rate == pytest.approx(50.0, abs=1e-6)
+    assert fit.lc_win_rate == pytest.approx(50.0, abs=0.5), "raw 62 %: length explained the lead"
 
 
 def test_no_preferences_is_an_error() -> None:
@@ -74,3 +74,14 @@ def test_no_preferences_is_an_error() -> None:
 def test_one_preference_has_a_win_rate_but_no_standard_error() -> None:
     result = win_rate([0.7])
     assert result.win_rate == pytest.approx(70.0) and result.standard_error is None
+
+
+def test_a_nearly_constant_length_term_does_not_blow_up_the_fit() -> None:
+    # Every output is far shorter than its reference: tanh(delta / sd) is about 1 everywhere, the length
+    # term and the model term are collinear, and an unpenalised fit runs to infinite weights.
+    preferences = [0.99, 0.89, 0.01, 0.999, 0.05, 0.22]
+    fit = fit_length_controlled(
+        preferences, [344, 345, 337, 347, 331, 362], [2104, 3394, 3025, 2908, 2341, 2285]
+    )
+    assert all(abs(weight) < 5 for weight in fit.weights.values()), fit.weights
+    assert 40 < fit.lc_win_rate < 60
