@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from db import queries
@@ -18,6 +17,8 @@ from db.models import FINAL_JOB_STATUSES, JobStatus
 from db.session import session_scope
 from orchestrator.celery_app import app as celery_app
 from orchestrator.celery_app import configure
+from orchestrator.console import console
+from orchestrator.console import fail as _fail
 from orchestrator.embedded import EmbeddedError, private_redis, worker_process
 from orchestrator.inputs import InputError, read_records
 from orchestrator.jobs import create_job, enqueue_job
@@ -31,16 +32,7 @@ db_cli = typer.Typer(help="Database schema.", no_args_is_help=True)
 models_cli = typer.Typer(help="Local model weights.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
 cli.add_typer(models_cli, name="models")
-console = Console()
-err = Console(stderr=True)
-
-USAGE_ERROR = 2
 POLL_INTERVAL_S = 0.5
-
-
-def _fail(message: str, code: int = USAGE_ERROR) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
-    return typer.Exit(code)
 
 
 def _use(database_url: str, redis_url: str) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -23,6 +22,8 @@ from db.migrate import upgrade
 from db.session import session_scope
 from orchestrator.celery_app import app as celery_app
 from orchestrator.celery_app import configure
+from orchestrator.console import console
+from orchestrator.console import fail as _fail
 from orchestrator.embedded import EmbeddedError, private_redis, worker_process
 from orchestrator.evaluation import (
     JOB_REFERENCE_PREFIX,
@@ -39,16 +40,7 @@ from orchestrator.settings import get_settings
 
 __all__ = ["register"]
 
-console = Console()
-err = Console(stderr=True)
-
-USAGE_ERROR = 2
 POLL_INTERVAL_S = 0.5
-
-
-def _fail(message: str, code: int = USAGE_ERROR) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
-    return typer.Exit(code)
 
 
 @contextmanager
