@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
@@ -95,13 +96,13 @@ def verdict_preference(top_logprobs: dict[str, float], *, model_first: bool) -> 
     return first_wins if model_first else 1.0 - first_wins
 
 
+@dataclass(frozen=True)
 class JudgeSpec:
-    """A judge: its engine name and model spec, and how the user named it (the evaluation's key)."""
+    """A judge: how the user named it (part of the evaluation's key), its engine name and model spec."""
 
-    def __init__(self, label: str, name: str, spec: ModelSpec) -> None:
-        self.label = label
-        self.name = name
-        self.spec = spec
+    label: str
+    name: str
+    spec: ModelSpec
 
 
 def resolve_judge(judge: str, settings: Settings) -> JudgeSpec:

@@ -57,6 +57,7 @@ name: judges
 models:
   synth-judge: {engine: synthetic}
   unreachable: {engine: openai, base_url: "http://127.0.0.1:9/v1", model: nobody}
+  always-fails: {engine: synthetic}
 layers: [{proposers: [{model: synth-judge}]}]
 aggregator: {model: synth-judge}
 """
@@ -246,12 +247,9 @@ def test_an_interrupted_eval_resumes_without_judging_again(
             session.scalar(select(func.count()).select_from(Evaluation).where(Evaluation.job_id == job_id))
             == 1
         )
-        # Resuming again finds nothing left to judge.
-        again = start_evaluation(
-            database_url, job_id, load_reference(str(reference_path), database_url), judge
-        )
-        assert (again.to_judge, again.already_judged) == ([], 6)
-        del session
+    # Resuming again finds nothing left to judge.
+    again = start_evaluation(database_url, job_id, load_reference(str(reference_path), database_url), judge)
+    assert (again.to_judge, again.already_judged) == ([], 6)
 
     # A redelivered judge task returns the stored verdict without asking any judge: here the evaluation's
     # judge becomes an unreachable endpoint, and the task still answers.
@@ -266,6 +264,38 @@ def test_an_interrupted_eval_resumes_without_judging_again(
     assert run_judge.run(first_id) == judged_before[first_id][0]
     with session_scope(database_url) as session:
         assert evaluations.judgment_counts(session, evaluation.id) == {"pending": 0, "done": 6, "failed": 0}
+
+
+def test_failed_judgments_are_recorded_and_judged_again_on_resume(
+    database_url: str, worker: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
+    job_id = submit(database_url, recipe_from_yaml(JOB_RECIPE % 16), sample_records(3))
+    wait_for_job(database_url, job_id)
+    reference = write_reference(tmp_path / "reference.jsonl", 3)
+    judges = tmp_path / "judges.yaml"
+    judges.write_text(JUDGES)
+
+    # The session worker injects a fault into every request to `always-fails`.
+    failing = slimmoa("eval", job_id, "--reference", str(reference), "--judge", f"{judges}:always-fails")
+    assert failing.returncode == 1, failing.stdout + failing.stderr
+    evaluation, rows = evaluation_of(database_url, job_id)
+    assert evaluation.status == "failed" and evaluation.win_rate is None
+    for judgment, _, _ in rows:
+        assert (judgment.status, judgment.preference, judgment.attempt) == ("failed", None, 3)
+        assert "injected fault in always-fails (after 3 attempts)" in (judgment.error or "")
+
+    # Another judge is another evaluation; the failed one keeps its record.
+    working = slimmoa("eval", job_id, "--reference", str(reference), "--judge", f"{judges}:synth-judge")
+    assert working.returncode == 0, working.stdout + working.stderr
+    with session_scope(database_url) as session:
+        statuses = session.scalars(
+            select(Evaluation.status).where(Evaluation.job_id == job_id).order_by(Evaluation.id)
+        ).all()
+        assert statuses == ["failed", "succeeded"]
+        # Resuming the failed evaluation sends its failed judgments again.
+        judge = resolve_judge(f"{judges}:always-fails", get_settings())
+        again = start_evaluation(database_url, job_id, load_reference(str(reference), database_url), judge)
+        assert (len(again.to_judge), again.already_judged) == (3, 0)
 
 
 def test_a_missing_reference_file_names_the_setting(tmp_path: Path) -> None:
