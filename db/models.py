@@ -126,6 +126,9 @@ class Item(Base):
     error: Mapped[str | None] = mapped_column(Text)
     # One TruncationRecord per stage whose pool had to be cut to fit the model's context.
     truncation: Mapped[list[Any] | None]
+    # When a canvas was last sent for the item (dispatch, retry, recovery): the sweep leaves items
+    # with recent activity alone, so it does not re-send what is merely queued.
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     job: Mapped[Job] = relationship(back_populates="items")

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CursorResult, Select, delete, func, select, update
+from sqlalchemy import CursorResult, Select, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -18,8 +19,11 @@ from db.models import FINAL_JOB_STATUSES, Candidate, Item, ItemStatus, Job, JobS
 __all__ = [
     "GenerationRecord",
     "NewItem",
+    "RetryPlan",
+    "StalledItem",
     "count_rows",
     "create_job",
+    "failed_stage_items",
     "finish_item",
     "get_candidate",
     "get_item",
@@ -27,9 +31,12 @@ __all__ = [
     "item_ids",
     "job_outputs",
     "layer_pool",
+    "mark_dispatched",
     "mark_job_running",
     "record_candidate",
     "record_output",
+    "reopen_items",
+    "stalled_items",
 ]
 
 
@@ -108,6 +115,55 @@ def mark_job_running(session: Session, job_id: str) -> None:
     )
 
 
+def mark_dispatched(
+    session: Session, item_ids: Sequence[int] | None = None, *, job_id: str | None = None
+) -> None:
+    """Stamp items whose canvas was just sent: by ids, or every pending item of a job."""
+    statement = update(Item).values(dispatched_at=utcnow())
+    if job_id is not None:
+        statement = statement.where(Item.job_id == job_id, Item.status == ItemStatus.PENDING)
+    elif item_ids:
+        statement = statement.where(Item.id.in_(item_ids))
+    else:
+        return
+    session.execute(statement)
+
+
+@dataclass(frozen=True)
+class StalledItem:
+    item_id: int
+    job_id: str
+    # (layer, slot) of every candidate row the item has, finished or failed.
+    rows: frozenset[tuple[int, int]]
+
+
+def stalled_items(session: Session, quiet_since: datetime, limit: int = 10_000) -> list[StalledItem]:
+    """Pending items of live jobs with no dispatch and no candidate written since `quiet_since`."""
+    recent = select(Candidate.id).where(Candidate.item_id == Item.id, Candidate.created_at >= quiet_since)
+    query = (
+        select(Item.id, Item.job_id)
+        .join(Job, Job.id == Item.job_id)
+        .where(
+            Item.status == ItemStatus.PENDING,
+            Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+            Job.created_at < quiet_since,
+            or_(Item.dispatched_at.is_(None), Item.dispatched_at < quiet_since),
+            ~recent.exists(),
+        )
+        .order_by(Item.id)
+        .limit(limit)
+    )
+    items = session.execute(query).all()
+    rows: dict[int, set[tuple[int, int]]] = {item_id: set() for item_id, _ in items}
+    if rows:
+        found = session.execute(
+            select(Candidate.item_id, Candidate.layer, Candidate.slot).where(Candidate.item_id.in_(rows))
+        )
+        for item_id, layer, slot in found:
+            rows[item_id].add((layer, slot))
+    return [StalledItem(item_id, job_id, frozenset(rows[item_id])) for item_id, job_id in items]
+
+
 def get_candidate(session: Session, item_id: int, layer: int, slot: int) -> Candidate | None:
     return session.scalar(
         select(Candidate).where(
@@ -126,7 +182,10 @@ def record_candidate(session: Session, item_id: int, layer: int, slot: int, reco
         set_=updatable,
         where=Candidate.error.is_not(None),
     )
-    session.execute(statement)
+    written = session.execute(statement.returning(Candidate.id)).scalar_one_or_none()
+    if written is not None:
+        return int(written)
+    # The slot was already finished (a redelivered task): keep that row and return its id.
     candidate = get_candidate(session, item_id, layer, slot)
     assert candidate is not None
     return candidate.id

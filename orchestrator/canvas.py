@@ -7,6 +7,7 @@ this module does not import `workers`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from celery import chord, group
 from celery.canvas import Signature
@@ -14,7 +15,14 @@ from celery.canvas import Signature
 from db import queries
 from db.models import ItemStatus, JobStatus
 from db.session import session_scope
-from orchestrator.celery_app import TASK_AGGREGATOR, TASK_DISPATCH, TASK_LAYER_DONE, TASK_PROPOSER, app
+from orchestrator.celery_app import (
+    DATABASE_RETRY,
+    TASK_AGGREGATOR,
+    TASK_DISPATCH,
+    TASK_LAYER_DONE,
+    TASK_PROPOSER,
+    app,
+)
 from orchestrator.recipes import Recipe
 from orchestrator.settings import get_settings
 
@@ -23,7 +31,9 @@ __all__ = ["dispatch", "item_canvas", "layer_done"]
 log = logging.getLogger(__name__)
 
 
-def item_canvas(item_id: int, recipe: Recipe, layer: int = 0) -> Signature:
+def item_canvas(
+    item_id: int, recipe: Recipe, layer: int = 0, slots: Sequence[int] | None = None
+) -> Signature:
     """chord(proposers of `layer`, body): the body is the aggregator after the last layer, else
     `layer_done`, which checks the pool and sends the next layer's chord.
 
@@ -31,9 +41,9 @@ def item_canvas(item_id: int, recipe: Recipe, layer: int = 0) -> Signature:
     database. Layers are linked by `layer_done` sending the next chord, not by chaining or nesting
     chords, whose bodies Celery passes results into or may start before the inner header has finished.
     """
+    chosen = [s.slot for s in recipe.slots(layer)] if slots is None else list(slots)
     header = group(
-        app.signature(TASK_PROPOSER, args=(item_id, layer, slot.slot), immutable=True)
-        for slot in recipe.slots(layer)
+        app.signature(TASK_PROPOSER, args=(item_id, layer, slot), immutable=True) for slot in chosen
     )
     if layer == len(recipe.layers) - 1:
         body = app.signature(TASK_AGGREGATOR, args=(item_id,), immutable=True)
@@ -42,7 +52,7 @@ def item_canvas(item_id: int, recipe: Recipe, layer: int = 0) -> Signature:
     return chord(header, body)
 
 
-@app.task(name=TASK_DISPATCH, acks_late=True)
+@app.task(name=TASK_DISPATCH, acks_late=True, **DATABASE_RETRY)
 def dispatch(job_id: str) -> int:
     """Enqueue the canvases of a job's pending items; returns how many were sent."""
     url = get_settings().database_url
@@ -56,12 +66,13 @@ def dispatch(job_id: str) -> int:
         recipe = Recipe.model_validate(job.recipe)
         item_ids = queries.item_ids(session, job_id, pending_only=True)
         queries.mark_job_running(session, job_id)
+        queries.mark_dispatched(session, job_id=job_id)
     for item_id in item_ids:
         item_canvas(item_id, recipe).apply_async()
     return len(item_ids)
 
 
-@app.task(name=TASK_LAYER_DONE, acks_late=True)
+@app.task(name=TASK_LAYER_DONE, acks_late=True, **DATABASE_RETRY)
 def layer_done(item_id: int, layer: int) -> bool:
     """Between layers: send the next layer's chord, or fail the item if this pool is below `min_pool`.
 
@@ -77,8 +88,20 @@ def layer_done(item_id: int, layer: int) -> bool:
         recipe = Recipe.model_validate(job.recipe)
         pool = queries.layer_pool(session, item_id, layer)
         survivors = [c for c in pool if c.ok]
+        if len(pool) < len(recipe.slots(layer)):
+            # Fired before its whole header finished (a lost or duplicated chord message): the
+            # missing slots are still due, and the recovery sweep completes the layer.
+            log.warning(
+                "layer_done item=%s layer=%s: %s of %s slots stored",
+                item_id,
+                layer,
+                len(pool),
+                len(recipe.slots(layer)),
+            )
+            return False
         if len(survivors) >= recipe.min_pool:
             item_canvas(item_id, recipe, layer + 1).apply_async()
+            queries.mark_dispatched(session, [item_id])
             return True
         failures = "; ".join(f"slot {c.slot}: {c.error}" for c in pool if not c.ok)
         reason = (

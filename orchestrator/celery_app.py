@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from orchestrator.settings import Settings, get_settings
 
 __all__ = [
+    "DATABASE_RETRY",
     "TASK_AGGREGATOR",
     "TASK_DISPATCH",
     "TASK_JUDGE",
     "TASK_LAYER_DONE",
     "TASK_PROPOSER",
+    "TASK_RECOVER",
     "app",
     "configure",
 ]
@@ -21,6 +26,17 @@ TASK_PROPOSER = "slimmoa.proposer"
 TASK_AGGREGATOR = "slimmoa.aggregator"
 TASK_LAYER_DONE = "slimmoa.layer_done"
 TASK_JUDGE = "slimmoa.judge"
+TASK_RECOVER = "slimmoa.recover"
+
+# A database restart or failover surfaces as OperationalError / InterfaceError: retried with
+# backoff until the database is back. Every stage write is idempotent, so a retry is harmless.
+DATABASE_RETRY: dict[str, Any] = {
+    "autoretry_for": (OperationalError, InterfaceError),
+    "retry_backoff": 1,
+    "retry_backoff_max": 30,
+    "retry_jitter": True,
+    "max_retries": 20,
+}
 
 
 def configure(celery: Celery, settings: Settings) -> None:
@@ -51,10 +67,15 @@ def configure(celery: Celery, settings: Settings) -> None:
             TASK_LAYER_DONE: {"queue": settings.queue_control},
             # A judge is a model like the stages' ones: it runs where the engines live.
             TASK_JUDGE: {"queue": settings.queue_inference},
+            TASK_RECOVER: {"queue": settings.queue_control},
         },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        include=["orchestrator.canvas"],
+        include=["orchestrator.canvas", "orchestrator.recovery"],
+        # The recovery sweep, when a worker runs with --beat: the database is enough to finish a job.
+        beat_schedule={
+            "recovery-sweep": {"task": TASK_RECOVER, "schedule": settings.recovery_interval_s},
+        },
     )
 
 

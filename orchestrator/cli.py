@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -187,6 +188,9 @@ def worker(
     ] = None,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Threads: generations in flight.")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
+    beat: Annotated[
+        bool, typer.Option(help="Also run the periodic recovery sweep (one worker only).")
+    ] = False,
 ) -> None:
     """Start a Celery worker that hosts the engines (threads pool: vLLM cannot live in a prefork child)."""
     settings = get_settings()
@@ -209,7 +213,33 @@ def worker(
             loglevel,
             "--without-gossip",
             "--without-mingle",
+            # Interval schedules only: beat's state file can live in the temp folder.
+            *(
+                ["--beat", "--schedule", str(Path(tempfile.gettempdir()) / f"slimmoa-beat-{os.getpid()}")]
+                if beat
+                else []
+            ),
         ]
+    )
+
+
+@cli.command()
+def recover(
+    grace: Annotated[
+        float | None, typer.Option(help="Leave items alone that had activity this many seconds ago.")
+    ] = None,
+) -> None:
+    """Re-enqueue stages that are neither done, queued nor running (lost with a worker or the broker)."""
+    from orchestrator.recovery import sweep
+
+    settings = get_settings()
+    if not settings.redis_url or not settings.database_url:
+        raise _fail("recover needs REDIS_URL and DATABASE_URL")
+    result = sweep(settings.database_url, grace_s=grace)
+    console.print(
+        f"checked {result.items_checked} stalled items: re-sent {result.proposer_chords} proposer chords, "
+        f"{result.layer_checks} layer checks, {result.aggregators} aggregators; "
+        f"{result.skipped_in_flight} still in flight"
     )
 
 
@@ -221,6 +251,47 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
         raise _fail("DATABASE_URL is not set")
     upgrade(url, revision)
     console.print(f"database at {url} is at revision {revision}")
+
+
+@cli.command()
+def plan(
+    recipe: Annotated[str, typer.Argument(help="Recipe name or path.")],
+    gpu_memory_gb: Annotated[
+        float, typer.Option(min=0.1, help="Device memory budget (RAM on a CPU box).")
+    ] = 80.0,
+) -> None:
+    """Print the memory plan of a recipe: resident models, the swap slot, KV-cache room, loads per stage."""
+    from rich.table import Table
+
+    from orchestrator.planning import plan_memory
+
+    try:
+        chosen = load_recipe(recipe, get_settings().recipes_dir)
+    except RecipeError as exc:
+        raise _fail(str(exc)) from None
+    memory_plan = plan_memory(chosen, gpu_memory_gb)
+    table = Table(title=f"{chosen.name} on {gpu_memory_gb:g} GB")
+    for column in ("model", "memory GB", "weights GB", "KV cache GB", "placement", "used in"):
+        table.add_column(column)
+    for model in memory_plan.models:
+        table.add_row(
+            model.name,
+            f"{model.memory_gb:g}",
+            "?" if model.weights_gb is None else f"{model.weights_gb:g}",
+            "?" if model.kv_cache_gb is None else f"{model.kv_cache_gb:g}",
+            "resident" if model.resident else "swaps",
+            ", ".join(model.used_in),
+        )
+    console.print(table)
+    console.print(
+        f"resident: {memory_plan.resident_gb:g} GB; swap slot: {memory_plan.swap_slot_gb:g} GB; "
+        f"peak: {memory_plan.resident_gb + memory_plan.swap_slot_gb:g} of {gpu_memory_gb:g} GB"
+    )
+    for stage, models in memory_plan.loads:
+        console.print(f"  {stage}: load {', '.join(models) if models else 'nothing'}")
+    console.print(f"loads per job: {memory_plan.total_loads} (one per swapped model per layer, not per item)")
+    if not memory_plan.fits:
+        raise _fail("does not fit: " + "; ".join(memory_plan.problems), code=1)
 
 
 @models_cli.command("prepare")

@@ -51,6 +51,9 @@ class _Strict(BaseModel):
 class _ModelBase(_Strict):
     context_length: int = Field(default=8192, gt=0, description="Context window in tokens.")
     memory_gb: float | None = Field(default=None, gt=0, description="Estimated weights + KV cache, GiB.")
+    weights_gb: float | None = Field(
+        default=None, gt=0, description="Weights alone, GiB (the rest is KV cache)."
+    )
     vendor: str | None = Field(default=None, description="Who trained it; diversity of sources matters.")
     # "auto" decides from the chat template whether a system message is allowed; the other two
     # override that for endpoints whose template cannot be read.

@@ -1,4 +1,4 @@
-"""Re-running what failed: retry of failed stages (the API's and CLI's `retry`).
+"""Re-running what failed or was lost: retry of failed stages, and the recovery sweep.
 
 A retry reopens only items with a failed stage and reuses every finished candidate: proposer tasks
 find their rows and return, so only failed slots generate again. An item whose aggregator failed on
@@ -7,19 +7,38 @@ a complete pool gets the aggregator alone.
 
 from __future__ import annotations
 
+import ast
+import base64
 import enum
+import json
+import logging
 from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
 
+import redis
 from pydantic import BaseModel
 
 from db import queries
-from db.models import JobStatus
+from db.models import JobStatus, utcnow
 from db.session import session_scope
 from orchestrator.canvas import item_canvas
-from orchestrator.celery_app import TASK_AGGREGATOR, app
+from orchestrator.celery_app import TASK_AGGREGATOR, TASK_LAYER_DONE, TASK_PROPOSER, TASK_RECOVER, app
 from orchestrator.recipes import Recipe
+from orchestrator.settings import get_settings
 
-__all__ = ["JobNotFound", "NotRetryable", "RetryResult", "RetryStage", "retry_job"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "JobNotFound",
+    "NotRetryable",
+    "RetryResult",
+    "RetryStage",
+    "SweepResult",
+    "recover",
+    "retry_job",
+    "sweep",
+]
 
 
 class RetryStage(enum.StrEnum):
@@ -67,6 +86,7 @@ def retry_job(
         aggregator = plan.aggregator_only if stage != RetryStage.PROPOSERS else []
         reopened = queries.reopen_items(session, job_id, canvas, drop_outputs=True)
         reopened += queries.reopen_items(session, job_id, aggregator, drop_outputs=False)
+        queries.mark_dispatched(session, [*canvas, *aggregator])
         recipe = Recipe.model_validate(job.recipe)
     for item_id in canvas:
         item_canvas(item_id, recipe).apply_async()
@@ -75,3 +95,128 @@ def retry_job(
     return RetryResult(
         job_id=job_id, items_reopened=reopened, proposer_items=canvas, aggregator_items=aggregator
     )
+
+
+# What a stage task is, for matching the database against the broker: (task name, item, layer, slot).
+StageKey = tuple[str, int, int, int]
+
+
+def _stage_key(name: str, args: Sequence[Any]) -> StageKey | None:
+    if name == TASK_PROPOSER and len(args) == 3:
+        return (name, int(args[0]), int(args[1]), int(args[2]))
+    if name == TASK_LAYER_DONE and len(args) == 2:
+        return (name, int(args[0]), int(args[1]), -1)
+    if name == TASK_AGGREGATOR and len(args) == 1:
+        return (name, int(args[0]), -1, -1)
+    return None
+
+
+def _queued_stages(redis_url: str, queues: Sequence[str]) -> set[StageKey]:
+    """Stage tasks waiting in the broker's queues (every priority list of each queue)."""
+    client = redis.Redis.from_url(redis_url)
+    found: set[StageKey] = set()
+    for queue in queues:
+        for key in client.scan_iter(match=f"{queue}*"):
+            for raw in client.lrange(key, 0, -1):
+                message = json.loads(raw)
+                body = message.get("body", "")
+                if message.get("properties", {}).get("body_encoding") == "base64":
+                    body = base64.b64decode(body)
+                args = json.loads(body)[0]
+                stage = _stage_key(message.get("headers", {}).get("task", ""), args)
+                if stage is not None:
+                    found.add(stage)
+    return found
+
+
+def _running_stages() -> set[StageKey]:
+    """Stage tasks that live workers are running or hold reserved."""
+    inspector = app.control.inspect(timeout=2.0)
+    found: set[StageKey] = set()
+    for report in (inspector.active() or {}, inspector.reserved() or {}):
+        for tasks in report.values():
+            for task in tasks:
+                args = task.get("args") or []
+                if isinstance(args, str):  # older workers report a repr
+                    args = ast.literal_eval(args)
+                stage = _stage_key(task.get("name", ""), args)
+                if stage is not None:
+                    found.add(stage)
+    return found
+
+
+class SweepResult(BaseModel):
+    items_checked: int
+    proposer_chords: int
+    layer_checks: int
+    aggregators: int
+    skipped_in_flight: int
+
+
+def _next_stage(item: queries.StalledItem, recipe: Recipe) -> list[StageKey]:
+    """The stage tasks an item waits for, from its candidate rows: missing slots, or the body."""
+    last = len(recipe.layers) - 1
+    for layer in range(last + 1):
+        missing = [s.slot for s in recipe.slots(layer) if (layer, s.slot) not in item.rows]
+        if missing:
+            return [(TASK_PROPOSER, item.item_id, layer, slot) for slot in missing]
+        next_layer_started = any(row_layer == layer + 1 for row_layer, _ in item.rows)
+        if layer < last and not next_layer_started:
+            return [(TASK_LAYER_DONE, item.item_id, layer, -1)]
+    return [(TASK_AGGREGATOR, item.item_id, -1, -1)]
+
+
+def sweep(database_url: str, *, grace_s: float | None = None) -> SweepResult:
+    """Re-enqueue the stages of stalled items that are neither done nor queued nor running.
+
+    Safe at any time, any number of times, concurrently: stage writes are idempotent, so a stage
+    sent twice stores one row. Items with activity in the last `grace_s` seconds are left alone.
+    """
+    settings = get_settings()
+    grace = settings.recovery_grace_s if grace_s is None else grace_s
+    quiet_since = utcnow() - timedelta(seconds=grace)
+    with session_scope(database_url) as session:
+        stalled = queries.stalled_items(session, quiet_since)
+        recipes = {
+            job_id: Recipe.model_validate(queries.get_job(session, job_id).recipe)  # type: ignore[union-attr]
+            for job_id in {item.job_id for item in stalled}
+        }
+    result = SweepResult(
+        items_checked=len(stalled), proposer_chords=0, layer_checks=0, aggregators=0, skipped_in_flight=0
+    )
+    if not stalled:
+        return result
+    in_flight = _queued_stages(settings.redis_url, [settings.queue_control, settings.queue_inference])
+    in_flight |= _running_stages()
+    sent: list[int] = []
+    for item in stalled:
+        recipe = recipes[item.job_id]
+        due = _next_stage(item, recipe)
+        if all(stage in in_flight for stage in due):
+            result.skipped_in_flight += 1
+            continue
+        name, item_id, layer, _ = due[0]
+        if name == TASK_PROPOSER:
+            # Every missing slot goes into the new chord, even one still queued: the body must not
+            # fire before all of them are stored. A duplicate finds its row and returns.
+            item_canvas(item_id, recipe, layer, [slot for *_, slot in due]).apply_async()
+            result.proposer_chords += 1
+        elif name == TASK_LAYER_DONE:
+            app.send_task(TASK_LAYER_DONE, args=(item_id, layer))
+            result.layer_checks += 1
+        else:
+            app.send_task(TASK_AGGREGATOR, args=(item_id,))
+            result.aggregators += 1
+        sent.append(item_id)
+    with session_scope(database_url) as session:
+        queries.mark_dispatched(session, sent)
+        for job_id in {item.job_id for item in stalled}:
+            queries.mark_job_running(session, job_id)
+    log.info("recovery sweep: %s", result)
+    return result
+
+
+@app.task(name=TASK_RECOVER, acks_late=True)
+def recover() -> dict[str, int]:
+    """The periodic sweep (celery beat); the same as `slimmoa recover`."""
+    return sweep(get_settings().database_url).model_dump()

@@ -17,6 +17,8 @@ class FaultSpec(BaseModel):
     """Injected engine faults for one model; tests only, never reachable from recipes or the API."""
 
     error_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    # With probability hang_rate a request sleeps hang_seconds before answering (a hung engine).
+    hang_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     hang_seconds: float = Field(default=0.0, ge=0.0)
 
 
@@ -44,6 +46,11 @@ class Settings(BaseSettings):
     engine_request_timeout_s: float = 600.0
     # Threads of the inference worker: the number of generations in flight that the engines can batch.
     inference_concurrency: int = 16
+
+    # The recovery sweep leaves items alone that had a dispatch or a candidate this recently.
+    recovery_grace_s: float = 120.0
+    # How often a worker started with --beat runs the sweep.
+    recovery_interval_s: float = 300.0
 
     # Evaluation. The reference outputs AlpacaEval 2.0 compares against (GPT-4-Turbo's), as JSONL or a
     # JSON list of {instruction, output, generator}; `slimmoa eval --reference` overrides it.

@@ -31,7 +31,7 @@ class EngineHost:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="engine-loop", daemon=True)
         self._thread.start()
-        self._engines: dict[str, Engine] = {}
+        self._engines: dict[tuple[str, VllmModel | OpenAIModel | SyntheticModel], Engine] = {}
         self._lock = threading.Lock()
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
@@ -45,7 +45,11 @@ class EngineHost:
     def engine(self, name: str, spec: VllmModel | OpenAIModel | SyntheticModel) -> Engine:
         """The started engine for a recipe model; the first caller loads it, the others wait."""
         # Same spec, same engine: recipes that share a model definition share its weights.
-        key = f"{name}|{spec.model_dump_json()}"
+        # Specs are frozen (hashable), so the lookup costs no serialisation on the hot path.
+        key = (name, spec)
+        engine = self._engines.get(key)
+        if engine is not None:
+            return engine
         with self._lock:
             engine = self._engines.get(key)
             if engine is None:

@@ -15,7 +15,7 @@ from db import evaluations
 from db.evaluations import Verdict
 from db.models import JudgmentStatus
 from db.session import session_scope
-from orchestrator.celery_app import TASK_JUDGE, app
+from orchestrator.celery_app import DATABASE_RETRY, TASK_JUDGE, app
 from orchestrator.judging import (
     JUDGE_LOGPROBS,
     JUDGE_SAMPLING,
@@ -41,7 +41,8 @@ _SPECS: dict[str, type[VllmModel | OpenAIModel | SyntheticModel]] = {
 
 # Retried: EngineUnavailable (rate limits, timeouts, lost connections).
 # Not retried: RequestRejected (prompt too long, refused) and NoVerdict, which would repeat.
-@app.task(name=TASK_JUDGE, bind=True, acks_late=True)
+# A database restart is retried (DATABASE_RETRY): the verdict is stored once whatever happens.
+@app.task(name=TASK_JUDGE, bind=True, acks_late=True, **DATABASE_RETRY)
 def run_judge(self: Task, judgment_id: int) -> float | None:
     """Judge one item against its reference; returns P(the job's output is better), None if no verdict."""
     url = get_settings().database_url

@@ -20,7 +20,7 @@ from db import queries
 from db.models import ItemStatus
 from db.queries import GenerationRecord
 from db.session import session_scope
-from orchestrator.celery_app import TASK_AGGREGATOR, TASK_PROPOSER, app
+from orchestrator.celery_app import DATABASE_RETRY, TASK_AGGREGATOR, TASK_PROPOSER, app
 from orchestrator.prompts import PromptTooLong, build_stage_prompt
 from orchestrator.recipes import Recipe, SamplingSpec
 from orchestrator.settings import get_settings
@@ -112,7 +112,7 @@ def _retry_or_give_up(task: Task, exc: EngineUnavailable) -> None:
 
 # Retried: EngineUnavailable (timeouts, lost connections, OOM at generation).
 # Not retried: RequestRejected and PromptTooLong, which would fail the same way again.
-@app.task(name=TASK_PROPOSER, bind=True, acks_late=True)
+@app.task(name=TASK_PROPOSER, bind=True, acks_late=True, **DATABASE_RETRY)
 def run_proposer(self: Task, item_id: int, layer: int, slot: int) -> int | None:
     """Generate one slot of one layer and store it; returns the candidate row id (None: item gone)."""
     url = get_settings().database_url
@@ -163,7 +163,7 @@ def run_proposer(self: Task, item_id: int, layer: int, slot: int) -> int | None:
         return queries.record_candidate(session, item_id, layer, slot, record)
 
 
-@app.task(name=TASK_AGGREGATOR, bind=True, acks_late=True)
+@app.task(name=TASK_AGGREGATOR, bind=True, acks_late=True, **DATABASE_RETRY)
 def run_aggregator(self: Task, item_id: int) -> str | None:
     """Aggregate the last layer's pool into the item's output; returns the item's final status."""
     url = get_settings().database_url
@@ -174,6 +174,14 @@ def run_aggregator(self: Task, item_id: int) -> str | None:
         recipe = job_recipe(session, item.job_id)
         last = len(recipe.layers) - 1
         pool = queries.layer_pool(session, item_id, last)
+        if len(pool) < len(recipe.slots(last)):
+            # Fired before every slot was stored (a lost or duplicated chord message): aggregating
+            # now would make a degraded answer from a pool that is still filling. The recovery sweep
+            # sends the aggregator again once the pool is complete.
+            log.warning(
+                "aggregator item=%s: %s of %s slots stored", item_id, len(pool), len(recipe.slots(last))
+            )
+            return None
         references = [c.text for c in pool if c.ok and c.text]
         failures = [f"slot {c.slot}: {c.error}" for c in pool if not c.ok]
         stage = _Stage(item.job_id, item.instruction, item.system, references)

@@ -43,7 +43,7 @@ class FaultyEngine(Engine):
         return self.inner.system_supported
 
     async def generate(self, request: ChatRequest) -> Generation:
-        if self.faults.hang_seconds:
+        if self.faults.hang_seconds and random.random() < self.faults.hang_rate:
             await asyncio.sleep(self.faults.hang_seconds)
         if random.random() < self.faults.error_rate:
             raise EngineUnavailable(f"injected fault in {self.name}")
