@@ -166,6 +166,17 @@ def slimmoa(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def judged_setup(
+    database_url: str, tmp_path: Path, count: int, output_tokens: int = 16
+) -> tuple[str, Path, Path]:
+    """A finished synthetic job of `count` items, a reference file for its prompts and the judges' recipe."""
+    job_id = submit(database_url, recipe_from_yaml(JOB_RECIPE % output_tokens), sample_records(count))
+    assert wait_for_job(database_url, job_id).status == "succeeded"
+    judges = tmp_path / "judges.yaml"
+    judges.write_text(JUDGES)
+    return job_id, write_reference(tmp_path / "reference.jsonl", count), judges
+
+
 def expected_preference(judgment: Judgment, instruction: str, output: str) -> float:
     """What the synthetic judge must have answered for this judgment's prompt."""
     first, second = (
@@ -187,11 +198,7 @@ def evaluation_of(database_url: str, job_id: str) -> tuple[Evaluation, list[tupl
 def test_eval_judges_every_item_and_stores_win_rates(
     database_url: str, worker: subprocess.Popen[bytes], tmp_path: Path
 ) -> None:
-    job_id = submit(database_url, recipe_from_yaml(JOB_RECIPE % 24), sample_records(8))
-    assert wait_for_job(database_url, job_id).status == "succeeded"
-    reference = write_reference(tmp_path / "reference.jsonl", 8)
-    judges = tmp_path / "judges.yaml"
-    judges.write_text(JUDGES)
+    job_id, reference, judges = judged_setup(database_url, tmp_path, 8, output_tokens=24)
 
     result = slimmoa("eval", job_id, "--reference", str(reference), "--judge", f"{judges}:synth-judge")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -219,11 +226,7 @@ def test_an_interrupted_eval_resumes_without_judging_again(
 ) -> None:
     from workers.judge_tasks import run_judge
 
-    job_id = submit(database_url, recipe_from_yaml(JOB_RECIPE % 16), sample_records(6))
-    wait_for_job(database_url, job_id)
-    reference_path = write_reference(tmp_path / "reference.jsonl", 6)
-    judges = tmp_path / "judges.yaml"
-    judges.write_text(JUDGES)
+    job_id, reference_path, judges = judged_setup(database_url, tmp_path, 6)
     judge = resolve_judge(f"{judges}:synth-judge", get_settings())
 
     # The first run stored its evaluation and judged half the items, then stopped.
@@ -269,11 +272,7 @@ def test_an_interrupted_eval_resumes_without_judging_again(
 def test_failed_judgments_are_recorded_and_judged_again_on_resume(
     database_url: str, worker: subprocess.Popen[bytes], tmp_path: Path
 ) -> None:
-    job_id = submit(database_url, recipe_from_yaml(JOB_RECIPE % 16), sample_records(3))
-    wait_for_job(database_url, job_id)
-    reference = write_reference(tmp_path / "reference.jsonl", 3)
-    judges = tmp_path / "judges.yaml"
-    judges.write_text(JUDGES)
+    job_id, reference, judges = judged_setup(database_url, tmp_path, 3)
 
     # The session worker injects a fault into every request to `always-fails`.
     failing = slimmoa("eval", job_id, "--reference", str(reference), "--judge", f"{judges}:always-fails")
