@@ -19,6 +19,7 @@ from db.queries import _insert
 __all__ = [
     "NewJudgment",
     "Verdict",
+    "add_judgments",
     "evaluation_rows",
     "finish_evaluation",
     "get_evaluation",
@@ -60,10 +61,9 @@ def open_evaluation(
     judge: str,
     judge_spec: dict[str, Any],
     seed: int,
-    judgments: Sequence[NewJudgment],
 ) -> Evaluation:
-    """The evaluation of a job against a reference by a judge, created on first use, with a pending
-    judgment per item that has none yet (a resumed evaluation keeps every verdict it has)."""
+    """The evaluation of a job against a reference by a judge: found (a resumed one keeps its seed and
+    every verdict it has) or created, and marked running."""
     key = (Evaluation.job_id == job_id, Evaluation.reference_digest == reference_digest)
     evaluation = session.scalar(select(Evaluation).where(*key, Evaluation.judge == judge))
     if evaluation is None:
@@ -78,6 +78,13 @@ def open_evaluation(
         )
         session.add(evaluation)
         session.flush()
+    evaluation.status = EvaluationStatus.RUNNING
+    evaluation.finished_at = None
+    return evaluation
+
+
+def add_judgments(session: Session, evaluation: Evaluation, judgments: Sequence[NewJudgment]) -> int:
+    """Add a pending judgment for each item that has none yet; returns the evaluation's total."""
     if judgments:
         rows = [
             {"evaluation_id": evaluation.id, "status": JudgmentStatus.PENDING, **j.__dict__}
@@ -85,11 +92,10 @@ def open_evaluation(
         ]
         statement = _insert(session, Judgment).values(rows)
         session.execute(statement.on_conflict_do_nothing(index_elements=["evaluation_id", "item_id"]))
-    total = session.scalar(select(func.count()).where(Judgment.evaluation_id == evaluation.id)) or 0
-    evaluation.total = total
-    evaluation.status = EvaluationStatus.RUNNING
-    evaluation.finished_at = None
-    return evaluation
+    evaluation.total = (
+        session.scalar(select(func.count()).where(Judgment.evaluation_id == evaluation.id)) or 0
+    )
+    return evaluation.total
 
 
 def get_evaluation(session: Session, evaluation_id: int) -> Evaluation | None:

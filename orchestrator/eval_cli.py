@@ -85,7 +85,8 @@ def _judge_all(
     except EvaluationError as exc:
         raise _fail(str(exc)) from None
     console.print(
-        f"evaluation {start.evaluation_id} of job {job_id} by {judge.label}: {start.total} items to judge "
+        f"evaluation {start.evaluation_id} of job {job_id} by {judge.label} (order seed {start.seed}): "
+        f"{start.total} items to judge "
         f"({start.already_judged} judged before; skipped {start.without_output} without output, "
         f"{start.without_reference} without a reference row)"
     )

@@ -119,6 +119,7 @@ def load_difficulties(path: Path | None) -> dict[int, float] | None:
 
 class EvaluationStart(BaseModel):
     evaluation_id: int
+    seed: int
     total: int
     to_judge: list[int]
     already_judged: int
@@ -134,7 +135,7 @@ def start_evaluation(
         job = queries.get_job(session, job_id)
         if job is None:
             raise EvaluationError(f"job {job_id}: not found")
-        new, without_output, without_reference = [], 0, 0
+        matched, without_output, without_reference = [], 0, 0
         for item, output in queries.job_outputs(session, job_id):
             row = reference.rows.get(_key(item.instruction))
             if output is None:
@@ -142,16 +143,8 @@ def start_evaluation(
             elif row is None:
                 without_reference += 1
             else:
-                new.append(
-                    NewJudgment(
-                        item_id=item.id,
-                        reference_output=row.output,
-                        reference_index=row.index,
-                        reference_generator=row.generator,
-                        swapped=shows_model_first(seed, item.id),
-                    )
-                )
-        if not new:
+                matched.append((item.id, row))
+        if not matched:
             raise EvaluationError(
                 f"job {job_id}: no item has both an output and a reference row "
                 f"({without_output} without output, {without_reference} not in {reference.source})"
@@ -164,11 +157,23 @@ def start_evaluation(
             judge=judge.label,
             judge_spec={"name": judge.name, **judge.spec.model_dump(mode="json")},
             seed=seed,
-            judgments=new,
         )
+        # A resumed evaluation keeps the order it drew first: its own seed, not this call's.
+        new = [
+            NewJudgment(
+                item_id=item_id,
+                reference_output=row.output,
+                reference_index=row.index,
+                reference_generator=row.generator,
+                swapped=shows_model_first(evaluation.seed, item_id),
+            )
+            for item_id, row in matched
+        ]
+        evaluations.add_judgments(session, evaluation, new)
         to_judge = evaluations.unfinished_judgments(session, evaluation.id)
         return EvaluationStart(
             evaluation_id=evaluation.id,
+            seed=evaluation.seed,
             total=evaluation.total,
             to_judge=to_judge,
             already_judged=evaluation.total - len(to_judge),

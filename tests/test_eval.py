@@ -250,9 +250,16 @@ def test_an_interrupted_eval_resumes_without_judging_again(
             session.scalar(select(func.count()).select_from(Evaluation).where(Evaluation.job_id == job_id))
             == 1
         )
-    # Resuming again finds nothing left to judge.
-    again = start_evaluation(database_url, job_id, load_reference(str(reference_path), database_url), judge)
-    assert (again.to_judge, again.already_judged) == ([], 6)
+    # Resuming again finds nothing left to judge, and keeps the order drawn first whatever seed is given.
+    again = start_evaluation(
+        database_url, job_id, load_reference(str(reference_path), database_url), judge, seed=99
+    )
+    assert (again.evaluation_id, again.seed, again.to_judge, again.already_judged) == (
+        evaluation.id,
+        0,
+        [],
+        6,
+    )
 
     # A redelivered judge task returns the stored verdict without asking any judge: here the evaluation's
     # judge becomes an unreachable endpoint, and the task still answers.
