@@ -191,6 +191,7 @@ def worker(
     beat: Annotated[
         bool, typer.Option(help="Also run the periodic recovery sweep (one worker only).")
     ] = False,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on this port.")] = None,
 ) -> None:
     """Start a Celery worker that hosts the engines (threads pool: vLLM cannot live in a prefork child)."""
     settings = get_settings()
@@ -198,6 +199,12 @@ def worker(
         raise _fail("a worker needs REDIS_URL and DATABASE_URL")
     import workers.judge_tasks  # (registers the judge task on the app)
     import workers.tasks  # noqa: F401  (registers the stage tasks on the app)
+
+    port = settings.worker_metrics_port if metrics_port is None else metrics_port
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr=settings.worker_metrics_host)
 
     chosen = queues or f"{settings.queue_control},{settings.queue_inference}"
     celery_app.worker_main(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-__all__ = ["EmbeddedError", "private_redis", "worker_process"]
+__all__ = ["EmbeddedError", "free_port", "private_redis", "worker_process"]
 
 STARTUP_TIMEOUT_S = 30.0
 
@@ -27,7 +27,7 @@ class EmbeddedError(RuntimeError):
     """The embedded services could not be started."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -41,7 +41,7 @@ def private_redis() -> Iterator[str]:
         raise EmbeddedError(
             "REDIS_URL is not set and no redis-server is on PATH: install Redis or set REDIS_URL"
         )
-    port = _free_port()
+    port = free_port()
     workdir = tempfile.mkdtemp(prefix="slimmoa-redis-")
     process = subprocess.Popen(
         [

@@ -43,7 +43,7 @@ FIRST_TOKEN, SECOND_TOKEN = "m", "M"
 # other tokens above the two verdicts, so ask for the most an OpenAI-compatible endpoint allows.
 JUDGE_LOGPROBS = 20
 # One token is the whole answer. The probabilities come from logprobs, which sampling does not change,
-# so no seed: vLLM CPU (0.32) crashes its engine when a seeded request's long prompt is prefilled in chunks.
+# so there is no seed to fix.
 JUDGE_SAMPLING = SamplingSpec(temperature=1.0, top_p=1.0, max_tokens=1, seed=None)
 
 ModelSpec = VllmModel | OpenAIModel | SyntheticModel

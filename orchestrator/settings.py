@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     engine_request_timeout_s: float = 600.0
     # Threads of the inference worker: the number of generations in flight that the engines can batch.
     inference_concurrency: int = 16
+    # Port of a worker's Prometheus /metrics (0: not served).
+    worker_metrics_port: int = 0
+    worker_metrics_host: str = "127.0.0.1"
 
     # The recovery sweep leaves items alone that had a dispatch or a candidate this recently.
     recovery_grace_s: float = 120.0

@@ -24,6 +24,7 @@ from db.migrate import upgrade
 from db.session import session_scope
 from orchestrator.celery_app import app as celery_app
 from orchestrator.celery_app import configure
+from orchestrator.embedded import free_port
 from orchestrator.jobs import create_job, enqueue_job
 from orchestrator.recipes import Recipe, parse_recipe
 from orchestrator.schemas import InputRecord
@@ -37,6 +38,7 @@ WORKER_ENV = {
     "STAGE_MAX_RETRIES": "2",
     "STAGE_RETRY_BACKOFF_S": "0.05",
     "INFERENCE_CONCURRENCY": "16",
+    "WORKER_METRICS_PORT": str(free_port()),
 }
 
 

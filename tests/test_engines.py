@@ -14,8 +14,10 @@ from orchestrator.schemas import ChatMessage
 from orchestrator.settings import FaultSpec, Settings
 from workers.engines import (
     ChatRequest,
+    Engine,
     EngineUnavailable,
     FaultyEngine,
+    Generation,
     RequestRejected,
     create_engine,
 )
@@ -109,3 +111,40 @@ def test_openai_engine_needs_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = OpenAIModel(engine="openai", base_url="http://judge.test/v1", model="m", api_key_env="ABSENT_KEY")
     with pytest.raises(RequestRejected, match="ABSENT_KEY is not set"):
         asyncio.run(OpenAIEngine("remote", spec).start())
+
+
+def test_a_dead_engine_is_replaced_on_the_next_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers import engine_host
+
+    started: list[Engine] = []
+
+    class CrashOnce(SyntheticEngine):
+        """Its first instance dies on its first request, as a vLLM engine whose process was killed."""
+
+        async def start(self) -> None:
+            started.append(self)
+            self.dead = False
+
+        async def generate(self, request: ChatRequest) -> Generation:
+            if len(started) == 1:
+                self.dead = True
+                raise EngineUnavailable("EngineDeadError: engine core process died")
+            return await super().generate(request)
+
+        @property
+        def alive(self) -> bool:
+            return not self.dead
+
+    spec = SyntheticModel(engine="synthetic")
+    monkeypatch.setattr(engine_host, "create_engine", lambda name, spec, settings: CrashOnce(name, spec))
+    host = engine_host.EngineHost(Settings())
+    try:
+        first = host.engine("m", spec)
+        with pytest.raises(EngineUnavailable, match="died"):
+            host.generate(first, request())
+        second = host.engine("m", spec)
+        assert second is not first and len(started) == 2
+        assert host.generate(second, request()).text.startswith("m:")
+        assert host.engine("m", spec) is second, "a live engine is kept"
+    finally:
+        host.shutdown()

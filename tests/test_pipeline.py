@@ -231,3 +231,45 @@ def test_two_layers_feed_the_first_pool_to_the_second(
             select(func.count()).select_from(Candidate).join(Item).where(Item.job_id == job_id)
         )
         assert count == 3 * 5
+
+
+def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """A worker's /metrics, as {sample name: [(labels, value)]}."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def test_concurrent_stages_reach_the_engine_together(
+    database_url: str, worker: subprocess.Popen[bytes]
+) -> None:
+    from tests.conftest import WORKER_ENV
+
+    recipe = recipe_from_yaml(
+        SYNTHETIC.replace("synth-a: {engine: synthetic", "synth-a: {engine: synthetic, latency_ms: 100")
+    )
+    job_id = submit(database_url, recipe, sample_records(40))
+    assert wait_for_job(database_url, job_id).status == "succeeded"
+    samples = scrape(int(WORKER_ENV["WORKER_METRICS_PORT"]))
+    buckets = {
+        labels["le"]: value
+        for labels, value in samples["slimmoa_engine_offered_batch_bucket"]
+        if labels["model"] == "synth-a"
+    }
+    total = buckets["+Inf"]
+    assert total >= 40
+    assert buckets["1.0"] < total, "some synth-a requests met others in flight: batches larger than 1"
+    loads = {labels["model"]: value for labels, value in samples["slimmoa_engine_loads_total"]}
+    # synth-b has the same definition in every job of this module: one engine served them all.
+    # (synth-a was redefined with a latency above, which is another engine.)
+    assert loads["synth-b"] == 1, "one engine per model for the life of the worker, across jobs"
+    stages = {
+        (labels["stage"], labels["outcome"]): value for labels, value in samples["slimmoa_stages_total"]
+    }
+    assert stages[("aggregator", "succeeded")] >= 40

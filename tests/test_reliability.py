@@ -313,14 +313,14 @@ def _pg_tool(name: str) -> str:
 @pytest.fixture
 def private_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
     """A throw-away Postgres cluster on a free port, and a function that restarts it."""
-    from orchestrator.embedded import _free_port
+    from orchestrator.embedded import free_port
 
     if os.geteuid() != 0 or shutil.which("runuser") is None:
         pytest.skip("a private Postgres cluster needs root (to run it as the postgres user)")
     base = Path(f"/tmp/slimmoa-pg-{uuid.uuid4().hex[:8]}")
     base.mkdir()
     shutil.chown(base, "postgres", "postgres")
-    data, port = base / "data", _free_port()
+    data, port = base / "data", free_port()
     as_postgres = ["runuser", "-u", "postgres", "--"]
     subprocess.run(
         [*as_postgres, _pg_tool("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],

@@ -12,12 +12,14 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from orchestrator.recipes import OpenAIModel, SyntheticModel, VllmModel
 from orchestrator.settings import Settings
 from workers.engines import ChatRequest, Engine, EngineUnavailable, Generation, create_engine
+from workers.metrics import ENGINE_IN_FLIGHT, ENGINE_LOAD_SECONDS, ENGINE_LOADS, OFFERED_BATCH
 
 __all__ = ["EngineHost"]
 
@@ -33,6 +35,9 @@ class EngineHost:
         self._thread.start()
         self._engines: dict[tuple[str, VllmModel | OpenAIModel | SyntheticModel], Engine] = {}
         self._lock = threading.Lock()
+        # Separate from the loading lock: counting must not wait for a model to load.
+        self._count_lock = threading.Lock()
+        self._in_flight: dict[str, int] = {}
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -55,12 +60,37 @@ class EngineHost:
             if engine is None:
                 log.info("starting engine %s (%s)", name, spec.engine)
                 engine = create_engine(name, spec, self.settings)
+                started = time.perf_counter()
                 self._run(engine.start())
+                ENGINE_LOADS.labels(name).inc()
+                ENGINE_LOAD_SECONDS.labels(name).observe(time.perf_counter() - started)
                 self._engines[key] = engine
             return engine
 
     def generate(self, engine: Engine, request: ChatRequest) -> Generation:
-        return self._run(engine.generate(request), self.settings.engine_request_timeout_s)
+        with self._count_lock:
+            self._in_flight[engine.name] = in_flight = self._in_flight.get(engine.name, 0) + 1
+        OFFERED_BATCH.labels(engine.name).observe(in_flight)
+        ENGINE_IN_FLIGHT.labels(engine.name).set(in_flight)
+        try:
+            return self._run(engine.generate(request), self.settings.engine_request_timeout_s)
+        except EngineUnavailable:
+            if not engine.alive:
+                self._replace(engine)
+            raise
+        finally:
+            with self._count_lock:
+                self._in_flight[engine.name] -= 1
+                ENGINE_IN_FLIGHT.labels(engine.name).set(self._in_flight[engine.name])
+
+    def _replace(self, engine: Engine) -> None:
+        """Forget a dead engine so that the next request (the stage's retry) starts a fresh one."""
+        with self._lock:
+            for key, known in list(self._engines.items()):
+                if known is engine:
+                    log.warning("engine %s died; it is restarted on the next request", engine.name)
+                    del self._engines[key]
+                    asyncio.run_coroutine_threadsafe(engine.close(), self._loop)
 
     def shutdown(self) -> None:
         with self._lock:

@@ -26,6 +26,7 @@ from orchestrator.recipes import Recipe, SamplingSpec
 from orchestrator.settings import get_settings
 from workers.engine_host import EngineHost
 from workers.engines import ChatRequest, EngineError, EngineUnavailable, Generation
+from workers.metrics import STAGES
 
 __all__ = ["run_aggregator", "run_proposer"]
 
@@ -101,6 +102,18 @@ def _generate(
     return generation, truncation
 
 
+def _record(model: str, generation: Generation, attempt: int) -> GenerationRecord:
+    return GenerationRecord(
+        model=model,
+        text=generation.text,
+        prompt_tokens=generation.prompt_tokens,
+        output_tokens=generation.output_tokens,
+        latency_ms=generation.latency_ms,
+        finish_reason=generation.finish_reason,
+        attempt=attempt,
+    )
+
+
 def _retry_or_give_up(task: Task, exc: EngineUnavailable) -> None:
     """Retry a transient error with exponential backoff and jitter; return when retries are spent."""
     settings = get_settings()
@@ -150,17 +163,11 @@ def run_proposer(self: Task, item_id: int, layer: int, slot: int) -> int | None:
         log.warning("proposer item=%s layer=%s slot=%s failed: %s", item_id, layer, slot, error)
         record = GenerationRecord(model=spec.model, text=None, error=error, attempt=attempt)
     else:
-        record = GenerationRecord(
-            model=spec.model,
-            text=generation.text,
-            prompt_tokens=generation.prompt_tokens,
-            output_tokens=generation.output_tokens,
-            latency_ms=generation.latency_ms,
-            finish_reason=generation.finish_reason,
-            attempt=attempt,
-        )
+        record = _record(spec.model, generation, attempt)
     with session_scope(url) as session:
-        return queries.record_candidate(session, item_id, layer, slot, record)
+        candidate_id = queries.record_candidate(session, item_id, layer, slot, record)
+    STAGES.labels("proposer", "failed" if generation is None else "ok").inc()
+    return candidate_id
 
 
 @app.task(name=TASK_AGGREGATOR, bind=True, acks_late=True, **DATABASE_RETRY)
@@ -213,25 +220,19 @@ def run_aggregator(self: Task, item_id: int) -> str | None:
     degraded = len(references) < expected
     status = ItemStatus.DEGRADED if degraded else ItemStatus.SUCCEEDED
     note = f"pool has {len(references)} of {expected} candidates; {'; '.join(failures)}" if degraded else None
-    record = GenerationRecord(
-        model=aggregator.model,
-        text=generation.text,
-        prompt_tokens=generation.prompt_tokens,
-        output_tokens=generation.output_tokens,
-        latency_ms=generation.latency_ms,
-        finish_reason=generation.finish_reason,
-        attempt=attempt,
-    )
+    record = _record(aggregator.model, generation, attempt)
     with session_scope(url) as session:
         if queries.record_output(session, item_id, record, pool_size=len(references)):
             queries.finish_item(
                 session, item_id, status, error=note, truncation=[truncation] if truncation else None
             )
+    STAGES.labels("aggregator", status).inc()
     return status
 
 
 def _fail(url: str, item_id: int, error: str) -> str:
     log.warning("aggregator item=%s failed: %s", item_id, error)
+    STAGES.labels("aggregator", ItemStatus.FAILED).inc()
     with session_scope(url) as session:
         queries.finish_item(session, item_id, ItemStatus.FAILED, error=error)
     return ItemStatus.FAILED

@@ -42,6 +42,10 @@ class FaultyEngine(Engine):
     def system_supported(self) -> bool:
         return self.inner.system_supported
 
+    @property
+    def alive(self) -> bool:
+        return self.inner.alive
+
     async def generate(self, request: ChatRequest) -> Generation:
         if self.faults.hang_seconds and random.random() < self.faults.hang_rate:
             await asyncio.sleep(self.faults.hang_seconds)

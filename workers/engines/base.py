@@ -84,3 +84,8 @@ class Engine(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Release the model or connection."""
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine cannot serve again (its process died): the host then replaces it."""
+        return True

@@ -6,7 +6,6 @@ One AsyncLLM per model; every concurrent `generate` is one request in its contin
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,10 @@ from workers.model_store import resolve_weights
 
 __all__ = ["HFTokenizer", "VllmEngine"]
 
-# KV cache for a CPU engine, GiB. vLLM's own default (4) would crowd two engines out of a small box.
-DEFAULT_CPU_KVCACHE_GB = "1"
+# KV cache of a CPU engine whose recipe does not say (memory_gb - weights_gb), GiB. Setting it
+# explicitly also stops vLLM CPU from reserving 92 % of the NUMA node's memory at start, which fails
+# as soon as anything else (a second engine) uses that memory.
+DEFAULT_CPU_KV_CACHE_GB = 1.0
 
 
 def _cpu_has_bf16() -> bool:
@@ -35,6 +36,12 @@ def cpu_dtype(requested: str) -> str:
     """bf16 weights on a CPU without bf16 instructions run ~4.6x slower than float32 (SmolLM2, 24 in
     flight: 24 vs 110 tok/s on an AVX2-only EPYC), so `auto` means float32 there."""
     return "float32" if requested == "auto" and not _cpu_has_bf16() else requested
+
+
+def cpu_kv_cache_gb(spec: VllmModel) -> float:
+    if spec.memory_gb is not None and spec.weights_gb is not None and spec.memory_gb > spec.weights_gb:
+        return spec.memory_gb - spec.weights_gb
+    return DEFAULT_CPU_KV_CACHE_GB
 
 
 class HFTokenizer:
@@ -57,6 +64,7 @@ class VllmEngine(Engine):
         self._llm: Any = None
         self._hf: Any = None
         self._system_supported = True
+        self._on_cpu = False
 
     async def start(self) -> None:
         from transformers import AutoTokenizer
@@ -65,9 +73,7 @@ class VllmEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         weights = str(resolve_weights(self.spec, self.cache_dir))
-        on_cpu = current_platform.is_cpu()
-        if on_cpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GB)
+        on_cpu = self._on_cpu = current_platform.is_cpu()
         args: dict[str, Any] = {
             "model": weights,
             "served_model_name": self.name,
@@ -79,7 +85,9 @@ class VllmEngine(Engine):
         }
         if self.spec.quantization:
             args["quantization"] = self.spec.quantization
-        if self.spec.gpu_memory_utilization and not on_cpu:
+        if on_cpu:
+            args["kv_cache_memory_bytes"] = int(cpu_kv_cache_gb(self.spec) * 2**30)
+        elif self.spec.gpu_memory_utilization:
             args["gpu_memory_utilization"] = self.spec.gpu_memory_utilization
         self._hf = AutoTokenizer.from_pretrained(weights)
         if self.spec.system_role == "auto":
@@ -96,6 +104,10 @@ class VllmEngine(Engine):
     def system_supported(self) -> bool:
         return self._system_supported
 
+    @property
+    def alive(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
     async def generate(self, request: ChatRequest) -> Generation:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -109,7 +121,10 @@ class VllmEngine(Engine):
             temperature=request.temperature,
             top_p=request.top_p,
             max_tokens=request.max_tokens,
-            seed=request.seed,
+            # vLLM CPU kills its engine ("CPU Generator does not use offset") when a seeded request's
+            # prefill is split across steps, which happens whenever many prompts arrive together.
+            # There, requests sample unseeded: candidates still differ, runs are not reproducible.
+            seed=None if self._on_cpu else request.seed,
             logprobs=request.logprobs,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
