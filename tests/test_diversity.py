@@ -17,14 +17,14 @@ from tests.conftest import recipe_from_yaml, sample_records, submit, wait_for_jo
 POOL_RECIPE = """
 name: pool
 models:
-  synth-a: {engine: synthetic, output_tokens: 20}
-  synth-b: {engine: synthetic, output_tokens: 20}
+  div-a: {engine: synthetic, output_tokens: 20}
+  div-b: {engine: synthetic, output_tokens: 20}
 layers:
   - proposers:
-      - {model: synth-a, sampling: {seed: 1}}
-      - {model: synth-a, sampling: {seed: %d}}
+      - {model: div-a, sampling: {seed: 1}}
+      - {model: div-a, sampling: {seed: %d}}
       - {model: %s, sampling: {seed: 1}}
-aggregator: {model: synth-a, sampling: {seed: 0}}
+aggregator: {model: div-a, sampling: {seed: 0}}
 """
 
 
@@ -48,9 +48,9 @@ def test_identical_candidates_have_no_diversity_and_different_ones_do(
     database_url: str, worker: subprocess.Popen[bytes], tmp_path: Path
 ) -> None:
     # Same synthetic model, same seed: three identical candidates per item.
-    identical = submit(database_url, recipe_from_yaml(POOL_RECIPE % (1, "synth-a")), sample_records(3))
+    identical = submit(database_url, recipe_from_yaml(POOL_RECIPE % (1, "div-a")), sample_records(3))
     # Another seed and another model: three different candidates per item.
-    different = submit(database_url, recipe_from_yaml(POOL_RECIPE % (2, "synth-b")), sample_records(3))
+    different = submit(database_url, recipe_from_yaml(POOL_RECIPE % (2, "div-b")), sample_records(3))
     wait_for_job(database_url, identical), wait_for_job(database_url, different)
 
     same = job_diversity(database_url, identical)
@@ -74,14 +74,14 @@ def test_identical_candidates_have_no_diversity_and_different_ones_do(
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "0: synth-a" in result.stdout and "2: synth-b" in result.stdout
+    assert "0: div-a" in result.stdout and "2: div-b" in result.stdout
     rows = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(row["distance"] > 0 for row in rows)
     other = job_diversity(database_url, different)
     assert [(p.slot_a, p.model_a, p.slot_b, p.model_b) for p in other.pairs] == [
-        (0, "synth-a", 1, "synth-a"),
-        (0, "synth-a", 2, "synth-b"),
-        (1, "synth-a", 2, "synth-b"),
+        (0, "div-a", 1, "div-a"),
+        (0, "div-a", 2, "div-b"),
+        (1, "div-a", 2, "div-b"),
     ]
     assert all(p.items == 3 and p.distance > 0 for p in other.pairs)
     assert other.mean is not None and other.mean > 0

@@ -44,13 +44,13 @@ from workers.engines.synthetic import SyntheticEngine, fake_top_logprobs, prompt
 JOB_RECIPE = """
 name: eval-job
 models:
-  synth-a: {engine: synthetic, output_tokens: 12}
-  synth-agg: {engine: synthetic, output_tokens: %d}
+  eval-a: {engine: synthetic, output_tokens: 12}
+  eval-agg: {engine: synthetic, output_tokens: %d}
 layers:
   - proposers:
-      - {model: synth-a, sampling: {seed: 1}}
-      - {model: synth-a, sampling: {seed: 2}}
-aggregator: {model: synth-agg, sampling: {seed: 0}}
+      - {model: eval-a, sampling: {seed: 1}}
+      - {model: eval-a, sampling: {seed: 2}}
+aggregator: {model: eval-agg, sampling: {seed: 0}}
 """
 JUDGES = """
 name: judges
