@@ -1,4 +1,4 @@
-"""SQLAlchemy 2.0 typed models: jobs, their items, candidate pools and aggregated outputs."""
+"""SQLAlchemy 2.0 typed models: jobs, items, candidate pools, aggregated outputs, evaluations."""
 
 from __future__ import annotations
 
@@ -7,10 +7,34 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["Base", "Candidate", "Item", "ItemStatus", "Job", "JobStatus", "Output", "utcnow"]
+__all__ = [
+    "Base",
+    "Candidate",
+    "Evaluation",
+    "EvaluationStatus",
+    "Item",
+    "ItemStatus",
+    "Job",
+    "JobStatus",
+    "Judgment",
+    "JudgmentStatus",
+    "Output",
+    "utcnow",
+]
 
 # SQLite only autoincrements INTEGER PRIMARY KEY; Postgres gets a BIGINT.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -37,6 +61,19 @@ class ItemStatus(enum.StrEnum):
     PENDING = "pending"
     SUCCEEDED = "succeeded"
     DEGRADED = "degraded"  # aggregated from fewer candidates than the recipe asks for
+    FAILED = "failed"
+
+
+class EvaluationStatus(enum.StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"  # every judgment has a verdict
+    PARTIAL = "partial"  # some judgments failed; the metrics use the others
+    FAILED = "failed"  # no judgment has a verdict
+
+
+class JudgmentStatus(enum.StrEnum):
+    PENDING = "pending"
+    DONE = "done"
     FAILED = "failed"
 
 
@@ -151,3 +188,67 @@ class Output(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     item: Mapped[Item] = relationship(back_populates="output")
+
+
+class Evaluation(Base):
+    """Pairwise judging of a job's outputs against reference outputs (a file, or another job's outputs).
+
+    One per (job, reference, judge): running `eval` again resumes it instead of starting over.
+    """
+
+    __tablename__ = "evaluations"
+    __table_args__ = (
+        UniqueConstraint("job_id", "reference_digest", "judge", name="uq_evaluations_job_reference_judge"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # A file path, or `job:ID` for a head-to-head against another job's outputs.
+    reference: Mapped[str] = mapped_column(String(1000))
+    reference_digest: Mapped[str] = mapped_column(String(64))
+    judge: Mapped[str] = mapped_column(String(500))
+    # The judge's model spec as resolved when the evaluation started (engine, endpoint or weights).
+    judge_spec: Mapped[dict[str, Any]]
+    # Seeds each item's choice of which output the judge sees first.
+    seed: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=EvaluationStatus.RUNNING)
+    total: Mapped[int] = mapped_column(Integer)
+    win_rate: Mapped[float | None] = mapped_column(Float)
+    standard_error: Mapped[float | None] = mapped_column(Float)
+    lc_win_rate: Mapped[float | None] = mapped_column(Float)
+    lc_standard_error: Mapped[float | None] = mapped_column(Float)
+    # Everything else the metrics report: counts, the GLM's weights, per-subset win rates.
+    metrics: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    judgments: Mapped[list[Judgment]] = relationship(back_populates="evaluation", order_by="Judgment.id")
+
+
+class Judgment(Base):
+    """The judge's verdict on one item: unique per (evaluation, item), so a resumed eval never re-judges."""
+
+    __tablename__ = "judgments"
+    __table_args__ = (UniqueConstraint("evaluation_id", "item_id", name="uq_judgments_evaluation_item"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    evaluation_id: Mapped[int] = mapped_column(ForeignKey("evaluations.id", ondelete="CASCADE"), index=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    # Row of the reference file (the key of AlpacaEval's instruction difficulty); None for a job reference.
+    reference_index: Mapped[int | None] = mapped_column(Integer)
+    reference_output: Mapped[str] = mapped_column(Text)
+    reference_generator: Mapped[str | None] = mapped_column(String(200))
+    # True when the job's output was shown first (the order is drawn per item to cancel position bias).
+    swapped: Mapped[bool] = mapped_column(Boolean)
+    status: Mapped[str] = mapped_column(String(16), default=JudgmentStatus.PENDING, index=True)
+    # Probability that the job's output is the better one, from the verdict tokens' logprobs.
+    preference: Mapped[float | None] = mapped_column(Float)
+    verdict_logprobs: Mapped[dict[str, Any] | None]
+    judge_text: Mapped[str | None] = mapped_column(Text)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    judged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    evaluation: Mapped[Evaluation] = relationship(back_populates="judgments")
+    item: Mapped[Item] = relationship()

@@ -13,6 +13,7 @@ __all__ = [
     "DATABASE_RETRY",
     "TASK_AGGREGATOR",
     "TASK_DISPATCH",
+    "TASK_JUDGE",
     "TASK_LAYER_DONE",
     "TASK_PROPOSER",
     "TASK_RECOVER",
@@ -24,6 +25,7 @@ TASK_DISPATCH = "slimmoa.dispatch"
 TASK_PROPOSER = "slimmoa.proposer"
 TASK_AGGREGATOR = "slimmoa.aggregator"
 TASK_LAYER_DONE = "slimmoa.layer_done"
+TASK_JUDGE = "slimmoa.judge"
 TASK_RECOVER = "slimmoa.recover"
 
 # A database restart or failover surfaces as OperationalError / InterfaceError: retried with
@@ -63,6 +65,8 @@ def configure(celery: Celery, settings: Settings) -> None:
             TASK_PROPOSER: {"queue": settings.queue_inference},
             TASK_AGGREGATOR: {"queue": settings.queue_inference},
             TASK_LAYER_DONE: {"queue": settings.queue_control},
+            # A judge is a model like the stages' ones: it runs where the engines live.
+            TASK_JUDGE: {"queue": settings.queue_inference},
             TASK_RECOVER: {"queue": settings.queue_control},
         },
         broker_connection_retry_on_startup=True,

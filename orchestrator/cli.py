@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -24,6 +23,8 @@ from orchestrator.api.schemas import JobDetailPublic, StagePublic
 from orchestrator.celery_app import app as celery_app
 from orchestrator.celery_app import configure
 from orchestrator.client import DEFAULT_URL, ApiClient, ApiError
+from orchestrator.console import console, err
+from orchestrator.console import fail as _fail
 from orchestrator.embedded import EmbeddedError, private_redis, worker_process
 from orchestrator.exports import ExportFormat, export_lines
 from orchestrator.inputs import InputError, read_records
@@ -39,16 +40,7 @@ db_cli = typer.Typer(help="Database schema.", no_args_is_help=True)
 models_cli = typer.Typer(help="Local model weights.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
 cli.add_typer(models_cli, name="models")
-console = Console()
-err = Console(stderr=True)
-
-USAGE_ERROR = 2
 POLL_INTERVAL_S = 0.5
-
-
-def _fail(message: str, code: int = USAGE_ERROR) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
-    return typer.Exit(code)
 
 
 def _use(database_url: str, redis_url: str) -> None:
@@ -172,6 +164,7 @@ def worker(
     settings = get_settings()
     if not settings.redis_url or not settings.database_url:
         raise _fail("a worker needs REDIS_URL and DATABASE_URL")
+    import workers.judge_tasks  # (registers the judge task on the app)
     import workers.tasks  # noqa: F401  (registers the stage tasks on the app)
 
     port = settings.worker_metrics_port if metrics_port is None else metrics_port
@@ -456,6 +449,9 @@ def retry(
 
 
 def main() -> None:
+    from orchestrator.eval_cli import register
+
+    register(cli)
     cli()
 
 

@@ -55,6 +55,17 @@ class Settings(BaseSettings):
     # How often a worker started with --beat runs the sweep.
     recovery_interval_s: float = 300.0
 
+    # Evaluation. The reference outputs AlpacaEval 2.0 compares against (GPT-4-Turbo's), as JSONL or a
+    # JSON list of {instruction, output, generator}; `slimmoa eval --reference` overrides it.
+    eval_reference: Path = PROJECT_ROOT.parent / "shared" / "data" / "alpaca_eval_gpt4_turbo_reference.jsonl"
+    # The judge when `--judge` is not given: AlpacaEval 2.0's official one, GPT-4-Turbo over the OpenAI API.
+    eval_judge: str = "https://api.openai.com/v1"
+    eval_judge_model: str = "gpt-4-1106-preview"
+    eval_judge_key_env: str = "OPENAI_API_KEY"
+    # Optional CSV `index,instruction_difficulty` keyed by the reference file's row (AlpacaEval publishes
+    # one for its 805 instructions); without it the length-controlled GLM leaves that term out.
+    eval_instruction_difficulty: Path | None = None
+
     slimmoa_faults: dict[str, FaultSpec] = Field(default_factory=dict)
 
     # HTTP API. With a token set, every /v1 route needs `Authorization: Bearer <token>`.

@@ -31,11 +31,20 @@ class ChatRequest(BaseModel):
     top_p: float
     max_tokens: int
     seed: int | None
+    # Ask for the k most likely first tokens with their logprobs (a weighted judge reads its verdict there).
+    logprobs: int | None = None
 
     @classmethod
-    def build(cls, request_id: str, messages: list[ChatMessage], sampling: SamplingSpec) -> ChatRequest:
+    def build(
+        cls,
+        request_id: str,
+        messages: list[ChatMessage],
+        sampling: SamplingSpec,
+        *,
+        logprobs: int | None = None,
+    ) -> ChatRequest:
         """Request sampling comes from the recipe stage; engines only fill what it leaves unset."""
-        return cls(request_id=request_id, messages=messages, **sampling.model_dump())
+        return cls(request_id=request_id, messages=messages, logprobs=logprobs, **sampling.model_dump())
 
 
 class Generation(BaseModel):
@@ -44,6 +53,8 @@ class Generation(BaseModel):
     output_tokens: int
     finish_reason: str
     latency_ms: float
+    # Token text -> logprob of the top `request.logprobs` candidates for the first generated token.
+    top_logprobs: dict[str, float] | None = None
 
 
 class Engine(ABC):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import httpx
 
@@ -70,6 +71,9 @@ class OpenAIEngine(Engine):
         }
         if request.seed is not None:
             body["seed"] = request.seed
+        if request.logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = request.logprobs
         started = time.perf_counter()
         try:
             response = await self._client.post("/chat/completions", json=body)
@@ -91,6 +95,7 @@ class OpenAIEngine(Engine):
                 output_tokens=int(usage.get("completion_tokens", 0)),
                 finish_reason=str(choice.get("finish_reason") or "stop"),
                 latency_ms=(time.perf_counter() - started) * 1000,
+                top_logprobs=_first_token_logprobs(choice) if request.logprobs else None,
             )
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise EngineUnavailable(f"{self.spec.base_url}: malformed response: {exc}") from exc
@@ -99,3 +104,11 @@ class OpenAIEngine(Engine):
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+def _first_token_logprobs(choice: dict[str, Any]) -> dict[str, float] | None:
+    """`choices[0].logprobs.content[0].top_logprobs` as {token: logprob}; None if the endpoint sent none."""
+    content = (choice.get("logprobs") or {}).get("content") or []
+    if not content:
+        return None
+    return {str(entry["token"]): float(entry["logprob"]) for entry in content[0].get("top_logprobs") or []}

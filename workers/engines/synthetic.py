@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import random
 import time
 
 from orchestrator.recipes import SyntheticModel
 from workers.engines.base import ChatRequest, Engine, Generation
 
-__all__ = ["SyntheticEngine", "WordTokenizer", "prompt_digest"]
+__all__ = ["SyntheticEngine", "WordTokenizer", "fake_top_logprobs", "prompt_digest"]
 
 _WORDS = [
     "alpha",
@@ -52,6 +53,19 @@ def prompt_digest(request: ChatRequest) -> str:
         ensure_ascii=False,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# First-token vocabulary of the fake distribution: a pairwise judge's two verdicts and some words.
+_FIRST_TOKENS = ["m", "M", "The", "Both", "Output", "I", "Model", "Based"]
+
+
+def fake_top_logprobs(digest: str, k: int) -> dict[str, float]:
+    """A deterministic first-token distribution for a prompt digest: the top k of a fixed vocabulary."""
+    rng = random.Random(f"{digest}:logprobs")
+    logits = [rng.gauss(0.0, 2.0) for _ in _FIRST_TOKENS]
+    norm = math.log(sum(math.exp(x) for x in logits))
+    ranked = sorted(zip(_FIRST_TOKENS, logits, strict=True), key=lambda pair: -pair[1])
+    return {token: logit - norm for token, logit in ranked[:k]}
 
 
 class WordTokenizer:
@@ -106,4 +120,5 @@ class SyntheticEngine(Engine):
             output_tokens=count,
             finish_reason="length" if count == request.max_tokens else "stop",
             latency_ms=(time.perf_counter() - started) * 1000,
+            top_logprobs=fake_top_logprobs(digest, request.logprobs) if request.logprobs else None,
         )

@@ -125,6 +125,7 @@ class VllmEngine(Engine):
             # prefill is split across steps, which happens whenever many prompts arrive together.
             # There, requests sample unseeded: candidates still differ, runs are not reproducible.
             seed=None if self._on_cpu else request.seed,
+            logprobs=request.logprobs,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
         started = time.perf_counter()
@@ -148,7 +149,19 @@ class VllmEngine(Engine):
             output_tokens=len(completion.token_ids),
             finish_reason=str(completion.finish_reason or "stop"),
             latency_ms=(time.perf_counter() - started) * 1000,
+            top_logprobs=self._first_token_logprobs(completion.logprobs) if request.logprobs else None,
         )
+
+    def _first_token_logprobs(self, logprobs: Any) -> dict[str, float] | None:
+        """vLLM gives, per generated token, {token id: Logprob}; the first token's, keyed by its text."""
+        if not logprobs:
+            return None
+        top: dict[str, float] = {}
+        for token_id, entry in logprobs[0].items():
+            text = entry.decoded_token if entry.decoded_token is not None else self._hf.decode([token_id])
+            # Two ids can decode to the same text; keep the likelier one.
+            top[text] = max(top.get(text, float("-inf")), float(entry.logprob))
+        return top
 
     async def close(self) -> None:
         if self._llm is not None:
