@@ -19,10 +19,11 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
+
+from bench.services import isolated_services
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "examples" / "alpaca_eval_sample.jsonl"
@@ -66,32 +67,19 @@ def offline(instructions: list[str], max_tokens: int, model_dir: Path) -> float:
 def pipeline(
     instructions: list[str], max_tokens: int, concurrency: int, database_url: str, redis_url: str
 ) -> float:
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(database_url)
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{database_url}{'&' if '?' in database_url else '?'}options=-csearch_path%3D{schema}"
-    suffix = uuid.uuid4().hex[:6]
-    env = {
-        "DATABASE_URL": url,
-        "REDIS_URL": redis_url,
-        "QUEUE_CONTROL": f"bench.{suffix}.control",
-        "QUEUE_INFERENCE": f"bench.{suffix}.inference",
-        "INFERENCE_CONCURRENCY": str(concurrency),
-    }
-    os.environ.update(env)
-    from db.migrate import upgrade
+    with isolated_services(database_url, redis_url, concurrency) as env:
+        return _through_pipeline(instructions, max_tokens, env)
+
+
+def _through_pipeline(instructions: list[str], max_tokens: int, env: dict[str, str]) -> float:
     from db.models import Candidate, Item
     from db.session import session_scope
-    from orchestrator.celery_app import app, configure
+    from orchestrator.celery_app import app
     from orchestrator.jobs import create_job, enqueue_job
     from orchestrator.recipes import Recipe, parse_recipe
     from orchestrator.schemas import InputRecord
-    from orchestrator.settings import get_settings
 
-    get_settings.cache_clear()
-    configure(app, get_settings())
-    upgrade(url)
+    url = env["DATABASE_URL"]
 
     def recipe_for(seed: int) -> Recipe:
         sampling = {"temperature": 0.7, "top_p": 0.95, "max_tokens": max_tokens, "seed": seed}
@@ -149,8 +137,6 @@ def pipeline(
         worker.terminate()
         worker.wait()
         log.close()
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
 
 
 def main() -> None:

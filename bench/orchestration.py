@@ -24,7 +24,8 @@ from pathlib import Path
 
 import psutil
 import redis
-from sqlalchemy import create_engine, text
+
+from bench.services import isolated_services
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,31 +107,20 @@ def bare(items: int, proposers: int, concurrency: int, redis_url: str, log_dir: 
 def slimmoa(
     items: int, proposers: int, concurrency: int, database_url: str, redis_url: str, log_dir: Path
 ) -> tuple[float, int, float]:
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(database_url)
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{database_url}{'&' if '?' in database_url else '?'}options=-csearch_path%3D{schema}"
-    suffix = uuid.uuid4().hex[:6]
-    env = {
-        "DATABASE_URL": url,
-        "REDIS_URL": redis_url,
-        "QUEUE_CONTROL": f"bench.{suffix}.control",
-        "QUEUE_INFERENCE": f"bench.{suffix}.inference",
-        "INFERENCE_CONCURRENCY": str(concurrency),
-    }
-    os.environ.update(env)
-    from db.migrate import upgrade
+    with isolated_services(database_url, redis_url, concurrency) as env:
+        return _through_pipeline(items, proposers, env, log_dir)
+
+
+def _through_pipeline(
+    items: int, proposers: int, env: dict[str, str], log_dir: Path
+) -> tuple[float, int, float]:
     from db.session import session_scope
-    from orchestrator.celery_app import app, configure
+    from orchestrator.celery_app import app
     from orchestrator.jobs import create_job, enqueue_job
     from orchestrator.recipes import parse_recipe
     from orchestrator.schemas import InputRecord
-    from orchestrator.settings import get_settings
 
-    get_settings.cache_clear()
-    configure(app, get_settings())
-    upgrade(url)
+    url = env["DATABASE_URL"]
     recipe = parse_recipe(
         {
             "name": "bench",
@@ -165,8 +155,6 @@ def slimmoa(
     finally:
         worker.terminate()
         worker.wait()
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
 
 
 def main() -> None:
