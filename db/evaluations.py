@@ -14,7 +14,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Evaluation, EvaluationStatus, Item, Judgment, JudgmentStatus, Output, utcnow
-from db.queries import _insert
+from db.queries import upsert_insert
 
 __all__ = [
     "NewJudgment",
@@ -90,7 +90,7 @@ def add_judgments(session: Session, evaluation: Evaluation, judgments: Sequence[
             {"evaluation_id": evaluation.id, "status": JudgmentStatus.PENDING, **j.__dict__}
             for j in judgments
         ]
-        statement = _insert(session, Judgment).values(rows)
+        statement = upsert_insert(session, Judgment).values(rows)
         session.execute(statement.on_conflict_do_nothing(index_elements=["evaluation_id", "item_id"]))
     evaluation.total = (
         session.scalar(select(func.count()).where(Judgment.evaluation_id == evaluation.id)) or 0

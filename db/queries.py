@@ -44,6 +44,7 @@ __all__ = [
     "record_output",
     "reopen_items",
     "stalled_items",
+    "upsert_insert",
 ]
 
 
@@ -69,7 +70,8 @@ class GenerationRecord:
     attempt: int = 1
 
 
-def _insert(session: Session, table: Any) -> Any:
+def upsert_insert(session: Session, table: Any) -> Any:
+    """An INSERT with ON CONFLICT support for the session's database (Postgres, or SQLite embedded)."""
     dialect = session.get_bind().dialect.name
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
@@ -96,7 +98,7 @@ def create_job(
     session.add(job)
     session.flush()
     session.execute(
-        _insert(session, Item),
+        upsert_insert(session, Item),
         [
             {
                 "job_id": job.id,
@@ -303,7 +305,7 @@ def get_candidate(session: Session, item_id: int, layer: int, slot: int) -> Cand
 def record_candidate(session: Session, item_id: int, layer: int, slot: int, record: GenerationRecord) -> int:
     """Store a slot's result and return the row id. A finished slot is never overwritten; a failed one is."""
     values = {"item_id": item_id, "layer": layer, "slot": slot, **record.__dict__}
-    statement = _insert(session, Candidate).values(**values)
+    statement = upsert_insert(session, Candidate).values(**values)
     updatable = {key: statement.excluded[key] for key in record.__dict__}
     statement = statement.on_conflict_do_update(
         index_elements=["item_id", "layer", "slot"],
@@ -333,7 +335,7 @@ def record_output(session: Session, item_id: int, record: GenerationRecord, pool
     """Store the aggregated answer; False when the item already had one (a redelivered aggregator)."""
     assert record.text is not None
     statement = (
-        _insert(session, Output)
+        upsert_insert(session, Output)
         .values(
             item_id=item_id,
             model=record.model,
