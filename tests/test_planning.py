@@ -57,13 +57,18 @@ def test_two_layers_swap_once_per_layer_not_per_item() -> None:
     assert roomy.loads == [("layer 0", ["a", "b"]), ("layer 1", []), ("aggregator", ["agg"])]
 
 
-def test_plan_explains_why_a_recipe_does_not_fit() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "plan", "slimmoa-a100", "--gpu-memory-gb", "60"],
+def plan_cli(gpu_memory_gb: int) -> subprocess.CompletedProcess[str]:
+    command = ["plan", "slimmoa-a100", "--gpu-memory-gb", str(gpu_memory_gb)]
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *command],
         capture_output=True,
         text=True,
         env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
     )
+
+
+def test_plan_explains_why_a_recipe_does_not_fit() -> None:
+    result = plan_cli(60)
     assert result.returncode == 1
     assert "need 66 GB together, more than the 60 GB budget" in result.stderr
     missing = plan_memory(load_recipe("synthetic", RECIPES), 80)
@@ -71,12 +76,7 @@ def test_plan_explains_why_a_recipe_does_not_fit() -> None:
 
 
 def test_plan_command_prints_the_plan() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "plan", "slimmoa-a100", "--gpu-memory-gb", "80"],
-        capture_output=True,
-        text=True,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
-    )
+    result = plan_cli(80)
     assert result.returncode == 0, result.stderr
     assert "peak: 66 of 80 GB" in result.stdout
     assert "layer 0: load llama-3.1-70b, qwen2.5-72b, nemotron-70b" in result.stdout

@@ -128,6 +128,15 @@ def worker_factory(private_broker: dict[str, str], tmp_path: Path) -> Iterator[A
         worker.stop()
 
 
+def fault_env(faults: dict[str, dict[str, float]], retries: int) -> dict[str, str]:
+    """Worker environment with injected engine faults and quick retries."""
+    return {
+        "SLIMMOA_FAULTS": json.dumps(faults),
+        "STAGE_MAX_RETRIES": str(retries),
+        "STAGE_RETRY_BACKOFF_S": "0.02",
+    }
+
+
 def job_state(database_url: str, job_id: str) -> Any:
     with session_scope(database_url) as session:
         return queries.get_job(session, job_id)
@@ -248,13 +257,7 @@ def candidates_by_slot(
 def test_injected_faults_are_retried_and_a_retry_reuses_finished_candidates(
     database_url: str, worker_factory: Any
 ) -> None:
-    flaky = worker_factory(
-        {
-            "SLIMMOA_FAULTS": json.dumps({"flaky": {"error_rate": 0.2}}),
-            "STAGE_MAX_RETRIES": "8",
-            "STAGE_RETRY_BACKOFF_S": "0.02",
-        }
-    )
+    flaky = worker_factory(fault_env({"flaky": {"error_rate": 0.2}}, retries=8))
     flaky.start()
     job_id = create_job(database_url, recipe(0), sample_records(30))
     enqueue_job(job_id)
@@ -270,13 +273,7 @@ def test_injected_faults_are_retried_and_a_retry_reuses_finished_candidates(
     assert max(attempts) > 1, "some flaky generations needed a retry"
     flaky.stop()
 
-    broken = worker_factory(
-        {
-            "SLIMMOA_FAULTS": json.dumps({"flaky": {"error_rate": 1.0}}),
-            "STAGE_MAX_RETRIES": "1",
-            "STAGE_RETRY_BACKOFF_S": "0.02",
-        }
-    )
+    broken = worker_factory(fault_env({"flaky": {"error_rate": 1.0}}, retries=1))
     broken.start()
     job_id = create_job(database_url, recipe(0), sample_records(12))
     enqueue_job(job_id)
@@ -392,14 +389,7 @@ def test_workers_reconnect_after_a_database_restart(
 
 def test_hung_requests_time_out_and_are_retried(database_url: str, worker_factory: Any) -> None:
     faults = {"flaky": {"hang_rate": 0.3, "hang_seconds": 30}}
-    worker = worker_factory(
-        {
-            "SLIMMOA_FAULTS": json.dumps(faults),
-            "ENGINE_REQUEST_TIMEOUT_S": "0.5",
-            "STAGE_MAX_RETRIES": "8",
-            "STAGE_RETRY_BACKOFF_S": "0.02",
-        }
-    )
+    worker = worker_factory({**fault_env(faults, retries=8), "ENGINE_REQUEST_TIMEOUT_S": "0.5"})
     worker.start()
     job_id = create_job(database_url, recipe(0), sample_records(12))
     enqueue_job(job_id)
@@ -428,13 +418,7 @@ def test_a_worker_with_beat_sweeps_by_itself(database_url: str, worker_factory: 
 
 
 def test_retrying_a_failed_aggregator_keeps_the_pool(database_url: str, worker_factory: Any) -> None:
-    broken = worker_factory(
-        {
-            "SLIMMOA_FAULTS": json.dumps({"synth-agg": {"error_rate": 1.0}}),
-            "STAGE_MAX_RETRIES": "1",
-            "STAGE_RETRY_BACKOFF_S": "0.02",
-        }
-    )
+    broken = worker_factory(fault_env({"synth-agg": {"error_rate": 1.0}}, retries=1))
     broken.start()
     job_id = create_job(database_url, recipe(0), sample_records(6))
     enqueue_job(job_id)
