@@ -23,6 +23,7 @@ from orchestrator.celery_app import (
     TASK_PROPOSER,
     app,
 )
+from orchestrator.jobs import job_recipe
 from orchestrator.recipes import Recipe
 from orchestrator.settings import get_settings
 
@@ -95,9 +96,7 @@ def layer_done(item_id: int, layer: int) -> bool:
         item = queries.get_item(session, item_id)
         if item is None or item.status != ItemStatus.PENDING or item.job.status == JobStatus.CANCELLED:
             return False
-        job = queries.get_job(session, item.job_id)
-        assert job is not None
-        recipe = Recipe.model_validate(job.recipe)
+        recipe = job_recipe(session, item.job_id)
         pool = queries.layer_pool(session, item_id, layer)
         survivors = [c for c in pool if c.ok]
         if len(pool) < len(recipe.slots(layer)):

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from db import queries
 from db.session import session_scope
@@ -13,7 +14,7 @@ from orchestrator.celery_app import TASK_DISPATCH, app
 from orchestrator.recipes import Recipe
 from orchestrator.schemas import InputRecord
 
-__all__ = ["Submission", "create_job", "enqueue_job", "submit_job"]
+__all__ = ["Submission", "create_job", "enqueue_job", "job_recipe", "submit_job"]
 
 
 def create_job(
@@ -85,3 +86,17 @@ def submit_job(url: str, job: Submission, idempotency_key: str | None = None) ->
 def enqueue_job(job_id: str) -> None:
     """Send the job's dispatch task; call only after the job's transaction committed."""
     app.send_task(TASK_DISPATCH, args=(job_id,))
+
+
+_recipes: dict[str, Recipe] = {}
+
+
+def job_recipe(session: Session, job_id: str) -> Recipe:
+    """A job's recipe never changes after submit, so each process parses it once."""
+    recipe = _recipes.get(job_id)
+    if recipe is None:
+        job = queries.get_job(session, job_id)
+        if job is None:
+            raise LookupError(f"job {job_id} not found")
+        recipe = _recipes[job_id] = Recipe.model_validate(job.recipe)
+    return recipe

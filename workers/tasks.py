@@ -14,13 +14,13 @@ from typing import Any
 
 from celery import Task
 from celery.signals import worker_shutdown
-from sqlalchemy.orm import Session
 
 from db import queries
 from db.models import ItemStatus, JobStatus
 from db.queries import GenerationRecord
 from db.session import session_scope
 from orchestrator.celery_app import DATABASE_RETRY, TASK_AGGREGATOR, TASK_PROPOSER, app
+from orchestrator.jobs import job_recipe
 from orchestrator.prompts import PromptTooLong, build_stage_prompt
 from orchestrator.recipes import Recipe, SamplingSpec
 from orchestrator.settings import get_settings
@@ -49,20 +49,6 @@ def engine_host() -> EngineHost:
 def _close_engines(**_: Any) -> None:
     if _host is not None:
         _host.shutdown()
-
-
-_recipes: dict[str, Recipe] = {}
-
-
-def job_recipe(session: Session, job_id: str) -> Recipe:
-    """A job's recipe never changes after submit, so each process parses it once."""
-    recipe = _recipes.get(job_id)
-    if recipe is None:
-        job = queries.get_job(session, job_id)
-        if job is None:
-            raise LookupError(f"job {job_id} not found")
-        recipe = _recipes[job_id] = Recipe.model_validate(job.recipe)
-    return recipe
 
 
 class _Stage:
