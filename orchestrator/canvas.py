@@ -14,7 +14,7 @@ from celery.canvas import Signature
 
 from db import queries
 from db.models import ItemStatus, JobStatus
-from db.session import session_scope
+from db.session import connection_scope, session_scope
 from orchestrator.celery_app import (
     DATABASE_RETRY,
     TASK_AGGREGATOR,
@@ -92,12 +92,12 @@ def layer_done(item_id: int, layer: int) -> bool:
     A redelivered call may send the next chord twice; its stages find their rows and return early.
     """
     url = get_settings().database_url
-    with session_scope(url) as session:
-        item = queries.get_item(session, item_id)
-        if item is None or item.status != ItemStatus.PENDING or item.job.status == JobStatus.CANCELLED:
+    with connection_scope(url) as connection:
+        item = queries.read_stage(connection, item_id, from_layer=layer)
+        if item is None or not item.runnable:
             return False
-        recipe = job_recipe(session, item.job_id)
-        pool = queries.layer_pool(session, item_id, layer)
+        recipe = job_recipe(connection, item.job_id)
+        pool = item.pool(layer)
         survivors = [c for c in pool if c.ok]
         if len(pool) < len(recipe.slots(layer)):
             # Fired before its whole header finished (a lost or duplicated chord message): the
@@ -112,12 +112,12 @@ def layer_done(item_id: int, layer: int) -> bool:
             return False
         if len(survivors) >= recipe.min_pool:
             item_canvas(item_id, recipe, layer + 1).apply_async()
-            queries.mark_dispatched(session, [item_id])
+            queries.mark_dispatched(connection, [item_id])
             return True
         failures = "; ".join(f"slot {c.slot}: {c.error}" for c in pool if not c.ok)
         reason = (
             f"layer {layer} pool has {len(survivors)} of {len(recipe.slots(layer))} candidates, "
             f"fewer than min_pool={recipe.min_pool}" + (f"; {failures}" if failures else "")
         )
-        queries.finish_item(session, item_id, ItemStatus.FAILED, error=reason)
+        queries.finish_item(connection, item_id, ItemStatus.FAILED, error=reason)
         return False

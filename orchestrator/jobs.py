@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from db import queries
 from db.session import session_scope
@@ -91,12 +90,12 @@ def enqueue_job(job_id: str) -> None:
 _recipes: dict[str, Recipe] = {}
 
 
-def job_recipe(session: Session, job_id: str) -> Recipe:
+def job_recipe(executor: queries.Executor, job_id: str) -> Recipe:
     """A job's recipe never changes after submit, so each process parses it once."""
     recipe = _recipes.get(job_id)
     if recipe is None:
-        job = queries.get_job(session, job_id)
-        if job is None:
+        stored = queries.job_recipe(executor, job_id)
+        if stored is None:
             raise LookupError(f"job {job_id} not found")
-        recipe = _recipes[job_id] = Recipe.model_validate(job.recipe)
+        recipe = _recipes[job_id] = Recipe.model_validate(stored)
     return recipe

@@ -16,9 +16,9 @@ from celery import Task
 from celery.signals import worker_shutdown
 
 from db import queries
-from db.models import ItemStatus, JobStatus
+from db.models import ItemStatus
 from db.queries import GenerationRecord
-from db.session import session_scope
+from db.session import connection_scope, statement_scope
 from orchestrator.celery_app import DATABASE_RETRY, TASK_AGGREGATOR, TASK_PROPOSER, app
 from orchestrator.jobs import job_recipe
 from orchestrator.prompts import PromptTooLong, build_stage_prompt
@@ -111,22 +111,22 @@ def _retry_or_give_up(task: Task, exc: EngineUnavailable) -> None:
 
 # Retried: EngineUnavailable (timeouts, lost connections, OOM at generation).
 # Not retried: RequestRejected and PromptTooLong, which would fail the same way again.
-@app.task(name=TASK_PROPOSER, bind=True, acks_late=True, **DATABASE_RETRY)
+# Results are not stored: nothing reads them (the database is the record), and a chord still
+# counts its header tasks without them.
+@app.task(name=TASK_PROPOSER, bind=True, acks_late=True, ignore_result=True, **DATABASE_RETRY)
 def run_proposer(self: Task, item_id: int, layer: int, slot: int) -> int | None:
     """Generate one slot of one layer and store it; returns the candidate row id (None: item gone)."""
     url = get_settings().database_url
-    with session_scope(url) as session:
-        item = queries.get_item(session, item_id)
-        if item is None or item.status != ItemStatus.PENDING or item.job.status == JobStatus.CANCELLED:
+    with statement_scope(url) as connection:
+        item = queries.read_stage(connection, item_id, from_layer=layer - 1)
+        if item is None or not item.runnable:
             return None
-        existing = queries.get_candidate(session, item_id, layer, slot)
+        existing = next((c for c in item.pool(layer) if c.slot == slot), None)
         if existing is not None and existing.ok:
             return existing.id
-        recipe = job_recipe(session, item.job_id)
-        references: list[str] = []
-        if layer > 0:
-            references = [c.text for c in queries.layer_pool(session, item_id, layer - 1) if c.ok and c.text]
-        stage = _Stage(item.job_id, item.instruction, item.system, references)
+        recipe = job_recipe(connection, item.job_id)
+    references = [c.text for c in item.pool(layer - 1) if c.ok and c.text]
+    stage = _Stage(item.job_id, item.instruction, item.system, references)
     spec = recipe.slots(layer)[slot]
     attempt = self.request.retries + 1
     error: str | None = None
@@ -150,42 +150,40 @@ def run_proposer(self: Task, item_id: int, layer: int, slot: int) -> int | None:
         record = GenerationRecord(model=spec.model, text=None, error=error, attempt=attempt)
     else:
         record = _record(spec.model, generation, attempt)
-    with session_scope(url) as session:
-        candidate_id = queries.record_candidate(session, item_id, layer, slot, record)
+    with statement_scope(url) as connection:
+        candidate_id = queries.record_candidate(connection, item_id, layer, slot, record)
     STAGES.labels("proposer", "failed" if generation is None else "ok").inc()
     return candidate_id
 
 
-@app.task(name=TASK_AGGREGATOR, bind=True, acks_late=True, **DATABASE_RETRY)
+@app.task(name=TASK_AGGREGATOR, bind=True, acks_late=True, ignore_result=True, **DATABASE_RETRY)
 def run_aggregator(self: Task, item_id: int) -> str | None:
     """Aggregate the last layer's pool into the item's output; returns the item's final status."""
     url = get_settings().database_url
-    with session_scope(url) as session:
-        item = queries.get_item(session, item_id)
-        if item is None or item.status != ItemStatus.PENDING or item.job.status == JobStatus.CANCELLED:
+    with statement_scope(url) as connection:
+        item = queries.read_stage(connection, item_id)
+        if item is None or not item.runnable:
             return item.status if item else None
-        recipe = job_recipe(session, item.job_id)
-        last = len(recipe.layers) - 1
-        pool = queries.layer_pool(session, item_id, last)
-        if len(pool) < len(recipe.slots(last)):
-            # Fired before every slot was stored (a lost or duplicated chord message): aggregating
-            # now would make a degraded answer from a pool that is still filling. The recovery sweep
-            # sends the aggregator again once the pool is complete.
-            log.warning(
-                "aggregator item=%s: %s of %s slots stored", item_id, len(pool), len(recipe.slots(last))
-            )
-            return None
-        references = [c.text for c in pool if c.ok and c.text]
-        failures = [f"slot {c.slot}: {c.error}" for c in pool if not c.ok]
-        stage = _Stage(item.job_id, item.instruction, item.system, references)
+        recipe = job_recipe(connection, item.job_id)
+    last = len(recipe.layers) - 1
+    pool = item.pool(last)
+    if len(pool) < len(recipe.slots(last)):
+        # Fired before every slot was stored (a lost or duplicated chord message): aggregating
+        # now would make a degraded answer from a pool that is still filling. The recovery sweep
+        # sends the aggregator again once the pool is complete.
+        log.warning("aggregator item=%s: %s of %s slots stored", item_id, len(pool), len(recipe.slots(last)))
+        return None
+    references = [c.text for c in pool if c.ok and c.text]
+    failures = [f"slot {c.slot}: {c.error}" for c in pool if not c.ok]
+    stage = _Stage(item.job_id, item.instruction, item.system, references)
     expected = len(recipe.slots(last))
     if len(references) < recipe.min_pool:
         reason = (
             f"pool has {len(references)} of {expected} candidates, fewer than min_pool={recipe.min_pool}"
             + (f"; {'; '.join(failures)}" if failures else "")
         )
-        with session_scope(url) as session:
-            queries.finish_item(session, item_id, ItemStatus.FAILED, error=reason)
+        with connection_scope(url) as connection:
+            queries.finish_item(connection, item_id, ItemStatus.FAILED, error=reason)
         return ItemStatus.FAILED
     aggregator = recipe.aggregator
     attempt = self.request.retries + 1
@@ -207,10 +205,10 @@ def run_aggregator(self: Task, item_id: int) -> str | None:
     status = ItemStatus.DEGRADED if degraded else ItemStatus.SUCCEEDED
     note = f"pool has {len(references)} of {expected} candidates; {'; '.join(failures)}" if degraded else None
     record = _record(aggregator.model, generation, attempt)
-    with session_scope(url) as session:
-        if queries.record_output(session, item_id, record, pool_size=len(references)):
+    with connection_scope(url) as connection:
+        if queries.record_output(connection, item_id, record, pool_size=len(references)):
             queries.finish_item(
-                session, item_id, status, error=note, truncation=[truncation] if truncation else None
+                connection, item_id, status, error=note, truncation=[truncation] if truncation else None
             )
     STAGES.labels("aggregator", status).inc()
     return status
@@ -219,6 +217,6 @@ def run_aggregator(self: Task, item_id: int) -> str | None:
 def _fail(url: str, item_id: int, error: str) -> str:
     log.warning("aggregator item=%s failed: %s", item_id, error)
     STAGES.labels("aggregator", ItemStatus.FAILED).inc()
-    with session_scope(url) as session:
-        queries.finish_item(session, item_id, ItemStatus.FAILED, error=error)
+    with connection_scope(url) as connection:
+        queries.finish_item(connection, item_id, ItemStatus.FAILED, error=error)
     return ItemStatus.FAILED
