@@ -1,4 +1,5 @@
-"""The reads and writes the stages make.
+"""The reads and writes of jobs and items: submit, progress, export, retry and recovery. The stage
+tasks' own statements are in `db.stages`.
 
 Every write is idempotent: a redelivered task changes nothing that is done.
 """
@@ -8,29 +9,25 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cache
-from typing import Any, NamedTuple
+from typing import Any
 
-from sqlalchemy import JSON, Connection, CursorResult, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
 from db.models import FINAL_JOB_STATUSES, Candidate, Item, ItemStatus, Job, JobStatus, Output, utcnow
 
 __all__ = [
-    "CandidateRow",
-    "Executor",
+    "ITEM_COUNTERS",
     "GenerationRecord",
     "JobCounts",
     "NewItem",
     "RetryPlan",
-    "StageRead",
     "StalledItem",
     "cancel_job",
     "count_rows",
     "create_job",
     "failed_stage_items",
-    "finish_item",
     "finished_items",
     "get_item",
     "get_job",
@@ -38,14 +35,10 @@ __all__ = [
     "job_by_idempotency_key",
     "job_counts",
     "job_outputs",
-    "job_recipe",
     "list_items",
     "list_jobs",
     "mark_dispatched",
     "mark_job_running",
-    "read_stage",
-    "record_candidate",
-    "record_output",
     "reopen_items",
     "stalled_items",
     "upsert_insert",
@@ -74,23 +67,10 @@ class GenerationRecord:
     attempt: int = 1
 
 
-# What the queries run on: an ORM session, or a Core connection (the stage tasks' hot path, where an
-# ORM session and its identity map cost more CPU than the statements themselves).
-Executor = Session | Connection
-
-
-def _dialect(executor: Executor) -> str:
-    bind = executor.get_bind() if isinstance(executor, Session) else executor
-    return bind.dialect.name
-
-
-def _insert(dialect: str, table: Any) -> Any:
+def upsert_insert(session: Session, table: Any) -> Any:
+    """An INSERT with ON CONFLICT support for the session's database (Postgres, or SQLite embedded)."""
+    dialect = session.get_bind().dialect.name
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
-
-
-def upsert_insert(executor: Executor, table: Any) -> Any:
-    """An INSERT with ON CONFLICT support for the executor's database (Postgres, or SQLite embedded)."""
-    return _insert(_dialect(executor), table)
 
 
 def create_job(
@@ -263,7 +243,7 @@ def mark_job_running(session: Session, job_id: str) -> None:
 
 
 def mark_dispatched(
-    executor: Executor, item_ids: Sequence[int] | None = None, *, job_id: str | None = None
+    session: Session, item_ids: Sequence[int] | None = None, *, job_id: str | None = None
 ) -> None:
     """Stamp items whose canvas was just sent: by ids, or every pending item of a job."""
     statement = update(Item).values(dispatched_at=utcnow())
@@ -273,7 +253,7 @@ def mark_dispatched(
         statement = statement.where(Item.id.in_(item_ids))
     else:
         return
-    executor.execute(statement)
+    session.execute(statement)
 
 
 @dataclass(frozen=True)
@@ -311,198 +291,12 @@ def stalled_items(session: Session, quiet_since: datetime, limit: int = 10_000) 
     return [StalledItem(item_id, job_id, frozenset(rows[item_id])) for item_id, job_id in items]
 
 
-class CandidateRow(NamedTuple):
-    """A candidate as a stage reads it: the columns it uses, without an ORM object."""
-
-    id: int
-    layer: int
-    slot: int
-    text: str | None
-    error: str | None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.text is not None
-
-
-@dataclass(frozen=True)
-class StageRead:
-    """What a stage task needs of its item: its fields, its job's status, its candidate rows."""
-
-    job_id: str
-    instruction: str
-    system: str | None
-    status: str
-    job_status: str
-    # Rows of the layers read, ordered by layer and slot.
-    candidates: list[CandidateRow]
-
-    @property
-    def runnable(self) -> bool:
-        """The item still waits for its stages: it is pending and its job was not cancelled."""
-        return self.status == ItemStatus.PENDING and self.job_status != JobStatus.CANCELLED
-
-    def pool(self, layer: int) -> list[CandidateRow]:
-        """Every slot row of a layer, ordered by slot: finished ones and recorded failures."""
-        return [c for c in self.candidates if c.layer == layer]
-
-
-# The stage statements are built once: building and hashing a statement per call costs more CPU
-# than running it.
-_STAGE_READ = (
-    select(
-        Item.job_id,
-        Item.instruction,
-        Item.system,
-        Item.status,
-        Job.status,
-        Candidate.id,
-        Candidate.layer,
-        Candidate.slot,
-        Candidate.text,
-        Candidate.error,
-    )
-    .join(Job, Job.id == Item.job_id)
-    .outerjoin(Candidate, and_(Candidate.item_id == Item.id, Candidate.layer >= bindparam("from_layer")))
-    .where(Item.id == bindparam("item_id"))
-    .order_by(Candidate.layer, Candidate.slot)
-)
-
-
-def read_stage(executor: Executor, item_id: int, from_layer: int = 0) -> StageRead | None:
-    """The item, its job's status and its candidate rows of layers >= `from_layer`, in one query;
-    None when there is no such item."""
-    rows = executor.execute(_STAGE_READ, {"item_id": item_id, "from_layer": from_layer}).all()
-    if not rows:
-        return None
-    job_id, instruction, system, status, job_status = rows[0][:5]
-    # An item without candidate rows comes back as one row whose candidate columns are NULL.
-    candidates = [CandidateRow._make(row[5:]) for row in rows if row[5] is not None]
-    return StageRead(job_id, instruction, system, status, job_status, candidates)
-
-
-_JOB_RECIPE = select(Job.recipe).where(Job.id == bindparam("job_id"))
-
-
-def job_recipe(executor: Executor, job_id: str) -> dict[str, Any] | None:
-    """The recipe a job was submitted with, as stored."""
-    recipe: dict[str, Any] | None = executor.execute(_JOB_RECIPE, {"job_id": job_id}).scalar_one_or_none()
-    return recipe
-
-
-_RECORD_FIELDS = tuple(GenerationRecord.__dataclass_fields__)
-
-
-@cache
-def _candidate_upsert(dialect: str) -> Any:
-    statement = _insert(dialect, Candidate)
-    return statement.on_conflict_do_update(
-        index_elements=["item_id", "layer", "slot"],
-        set_={key: statement.excluded[key] for key in _RECORD_FIELDS},
-        where=Candidate.error.is_not(None),
-    ).returning(Candidate.id)
-
-
-_CANDIDATE_ID = select(Candidate.id).where(
-    Candidate.item_id == bindparam("item_id"),
-    Candidate.layer == bindparam("layer"),
-    Candidate.slot == bindparam("slot"),
-)
-
-
-def record_candidate(
-    executor: Executor, item_id: int, layer: int, slot: int, record: GenerationRecord
-) -> int:
-    """Store a slot's result and return the row id. A finished slot is never overwritten; a failed one is."""
-    key = {"item_id": item_id, "layer": layer, "slot": slot}
-    statement = _candidate_upsert(_dialect(executor))
-    written = executor.execute(statement, {**key, **record.__dict__}).scalar_one_or_none()
-    if written is not None:
-        return int(written)
-    # The slot was already finished (a redelivered task): keep that row and return its id.
-    return int(executor.execute(_CANDIDATE_ID, key).scalar_one())
-
-
-@cache
-def _output_insert(dialect: str) -> Any:
-    return _insert(dialect, Output).on_conflict_do_nothing(index_elements=["item_id"])
-
-
-def record_output(executor: Executor, item_id: int, record: GenerationRecord, pool_size: int) -> bool:
-    """Store the aggregated answer; False when the item already had one (a redelivered aggregator)."""
-    assert record.text is not None
-    values = {
-        "item_id": item_id,
-        "model": record.model,
-        "text": record.text,
-        "pool_size": pool_size,
-        "prompt_tokens": record.prompt_tokens,
-        "output_tokens": record.output_tokens,
-        "latency_ms": record.latency_ms,
-        "finish_reason": record.finish_reason,
-    }
-    result: CursorResult[Any] = executor.execute(_output_insert(_dialect(executor)), values)  # type: ignore[assignment]
-    return bool(result.rowcount)
-
-
-_COUNTER = {
+# Counted per final item status on its job.
+ITEM_COUNTERS = {
     ItemStatus.SUCCEEDED: Job.items_succeeded,
     ItemStatus.DEGRADED: Job.items_degraded,
     ItemStatus.FAILED: Job.items_failed,
 }
-
-_FINISH_ITEM = (
-    update(Item)
-    .where(Item.id == bindparam("item_id"), Item.status == ItemStatus.PENDING)
-    .values(
-        status=bindparam("new_status"),
-        error=bindparam("new_error"),
-        truncation=bindparam("new_truncation", type_=JSON),
-        finished_at=bindparam("now"),
-    )
-    .returning(Item.job_id)
-)
-_COUNT_ON_JOB = {
-    status: update(Job)
-    .where(Job.id == bindparam("job_id"))
-    .values({counter: counter + 1})
-    .returning(Job.total_items, Job.items_succeeded, Job.items_degraded, Job.items_failed, Job.status)
-    for status, counter in _COUNTER.items()
-}
-_END_JOB = (
-    update(Job)
-    .where(Job.id == bindparam("job_id"))
-    .values(status=bindparam("final"), finished_at=bindparam("now"))
-)
-
-
-def finish_item(
-    executor: Executor,
-    item_id: int,
-    status: ItemStatus,
-    *,
-    error: str | None = None,
-    truncation: list[dict[str, Any]] | None = None,
-) -> bool:
-    """Move a pending item to its final status and count it on the job, once; False if it was not pending.
-
-    Run it in one transaction with the stage's other writes: the job's row is locked from the count
-    to the commit.
-    """
-    now = utcnow()
-    values = {"new_status": status, "new_error": error, "new_truncation": truncation, "now": now}
-    moved = executor.execute(_FINISH_ITEM, {"item_id": item_id, **values}).scalar_one_or_none()
-    if moved is None:
-        return False
-    total, succeeded, degraded, failed, job_status = executor.execute(
-        _COUNT_ON_JOB[status], {"job_id": moved}
-    ).one()
-    if succeeded + degraded + failed == total and job_status not in FINAL_JOB_STATUSES:
-        final = (
-            JobStatus.SUCCEEDED if not failed else JobStatus.FAILED if failed == total else JobStatus.PARTIAL
-        )
-        executor.execute(_END_JOB, {"job_id": moved, "final": final, "now": now})
-    return True
 
 
 def job_outputs(session: Session, job_id: str) -> Iterable[tuple[Item, Output | None]]:
@@ -551,7 +345,7 @@ def reopen_items(session: Session, job_id: str, item_ids: Sequence[int], *, drop
     ).all()
     if not rows:
         return 0
-    counts = {status: sum(1 for _, s in rows if s == status) for status in _COUNTER}
+    counts = {status: sum(1 for _, s in rows if s == status) for status in ITEM_COUNTERS}
     ids = [item_id for item_id, _ in rows]
     if drop_outputs:
         session.execute(delete(Output).where(Output.item_id.in_(ids)))
@@ -564,7 +358,7 @@ def reopen_items(session: Session, job_id: str, item_ids: Sequence[int], *, drop
         update(Job)
         .where(Job.id == job_id)
         .values(
-            {column: column - counts[status] for status, column in _COUNTER.items()}
+            {column: column - counts[status] for status, column in ITEM_COUNTERS.items()}
             | {Job.status: JobStatus.RUNNING, Job.finished_at: None}
         )
     )

@@ -1,17 +1,22 @@
 """The ways to open the database: an engine per URL, a session scope that commits or rolls back, and
-Core connections for the stage tasks' hot path."""
+the stage tasks' connection for their few hot statements."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import select
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Dialect, Engine, Executable, create_engine, event
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
-__all__ = ["connection_scope", "get_engine", "session_scope", "statement_scope"]
+__all__ = ["StageConnection", "get_engine", "session_scope", "statement_scope"]
 
 
 @cache
@@ -37,8 +42,43 @@ def get_engine(url: str) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    # pre_ping lets workers survive a database restart: a dead pooled connection is replaced.
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, pool_size=10, max_overflow=20)
+    _replace_dead_connections(engine)
+    return engine
+
+
+# A pooled connection idle for longer than this is pinged before use (a firewall or the server may
+# have dropped it quietly). One used more recently is only checked for a goodbye from the server,
+# which costs no round trip: a ping on every checkout was a third of a stage's database round
+# trips, and in a worker's threads pool every round trip also waits for the GIL again.
+PING_AFTER_IDLE_S = 10.0
+
+
+def _replace_dead_connections(engine: Engine) -> None:
+    """Let processes survive a database restart: a pooled connection that the server closed, or
+    that does not answer a ping after a long idle time, is replaced before anyone uses it. (A
+    statement that is running when the server goes away fails; the stages retry such errors.)"""
+
+    @event.listens_for(engine, "checkin")
+    def _idle_from(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _check(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.pop("idle_since", None)
+        if idle_since is None:  # a new connection
+            return
+        # An idle connection has nothing to read unless the server said goodbye (a restart sends
+        # "terminating connection" and closes the socket).
+        poller = select.poll()
+        poller.register(dbapi_connection.fileno(), select.POLLIN)
+        if poller.poll(0):
+            raise DisconnectionError("the server closed the connection")
+        if time.monotonic() - idle_since > PING_AFTER_IDLE_S:
+            try:
+                engine.dialect.do_ping(dbapi_connection)
+            except Exception as exc:  # whatever the driver raises for a dead connection
+                raise DisconnectionError(f"ping failed: {exc}") from exc
 
 
 @cache
@@ -60,27 +100,91 @@ def session_scope(url: str) -> Iterator[Session]:
         session.close()
 
 
-@contextmanager
-def connection_scope(url: str) -> Iterator[Connection]:
-    """A Core connection in one transaction: for stage writes of several statements, without the
-    set-up of an ORM session (measured: about half the CPU of a session per block)."""
-    with get_engine(url).begin() as connection:
-        yield connection
+class _Compiled(NamedTuple):
+    sql: str
+    # Values of the statement's own literals, by parameter name.
+    literals: dict[str, Any]
+    # Bind processors of its parameters (JSON serialisation, for one), by parameter name.
+    processors: tuple[tuple[str, Callable[[Any], Any]], ...]
 
 
 @cache
-def _autocommit(url: str) -> Engine:
-    return get_engine(url).execution_options(isolation_level="AUTOCOMMIT")
+def _compiled(statement: ClauseElement, dialect: Dialect) -> _Compiled:
+    compiled = cast(SQLCompiler, statement.compile(dialect=dialect))
+    if any(bind.expanding for bind in compiled.bind_names) or compiled.escaped_bind_names:
+        raise ValueError("stage statements take plain named parameters (no expanding IN lists)")
+    literals: dict[str, Any] = {}
+    processors: list[tuple[str, Callable[[Any], Any]]] = []
+    for bind, name in compiled.bind_names.items():
+        if not bind.required:
+            literals[name] = bind.effective_value
+        process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+        if process is not None:
+            processors.append((name, process))
+    return _Compiled(compiled.string, literals, tuple(processors))
+
+
+class StageConnection:
+    """One pooled connection for a stage task's statements, each of them its own transaction.
+
+    Stage tasks are the hot path: a worker runs thousands a minute in one process whose threads
+    share one GIL. On Postgres each statement, compiled once per process, goes straight to the
+    driver in autocommit: no BEGIN/COMMIT round trips, and none of SQLAlchemy's per-execution work
+    (connection wrapper, execution context, result objects), which cost about twice the driver's
+    own CPU for these one-row statements. On SQLite (the embedded mode) the statements run through
+    a Core connection in one transaction. Statements are prebuilt, without expanding IN lists; rows
+    come back as tuples without result processing (stage statements read integers, text and JSON,
+    which the driver decodes).
+    """
+
+    def __init__(self, dialect: Dialect, *, connection: Connection | None = None, pooled: Any = None):
+        self.dialect = dialect
+        self._connection = connection
+        self._pooled = pooled
+
+    def rows(self, statement: Executable, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Run one prebuilt statement; returns its rows (none for a statement without RETURNING)."""
+        if self._connection is not None:
+            result = self._connection.execute(statement, dict(params))
+            return [tuple(row) for row in result] if result.returns_rows else []
+        compiled = _compiled(cast(ClauseElement, statement), self.dialect)
+        values = compiled.literals | dict(params)
+        for name, process in compiled.processors:
+            values[name] = process(values[name])
+        driver = self._pooled.driver_connection
+        try:
+            cursor = driver.execute(compiled.sql, values)
+            return cursor.fetchall() if cursor.description else []
+        except self.dialect.loaded_dbapi.Error as exc:
+            # Raised as SQLAlchemy's exceptions, which the stages retry (DATABASE_RETRY); a dead
+            # connection leaves the pool.
+            invalidated = self.dialect.is_disconnect(exc, driver, None)
+            if invalidated:
+                self._pooled.invalidate(exc)
+            raise DBAPIError.instance(
+                compiled.sql,
+                values,
+                exc,
+                self.dialect.loaded_dbapi.Error,
+                connection_invalidated=invalidated,
+                dialect=self.dialect,
+            ) from exc
 
 
 @contextmanager
-def statement_scope(url: str) -> Iterator[Connection]:
-    """A Core connection for blocks of single statements that need no common transaction (a read,
-    or one write that is atomic by itself). On Postgres it runs in autocommit, which saves the
-    BEGIN and COMMIT round trips; on SQLite it is a transaction like `connection_scope`."""
-    if get_engine(url).dialect.name != "postgresql":
-        with connection_scope(url) as connection:
-            yield connection
+def statement_scope(url: str) -> Iterator[StageConnection]:
+    """A connection for a stage's statements, each atomic by itself (see `StageConnection`)."""
+    engine = get_engine(url)
+    if engine.dialect.name != "postgresql":
+        with engine.begin() as connection:
+            yield StageConnection(engine.dialect, connection=connection)
         return
-    with _autocommit(url).connect() as connection:
-        yield connection
+    pooled = engine.raw_connection()
+    driver: Any = pooled.driver_connection
+    try:
+        driver.autocommit = True
+        yield StageConnection(engine.dialect, pooled=pooled)
+    finally:
+        if pooled.is_valid and not driver.closed:
+            driver.autocommit = False  # the pool hands out connections in their default mode
+        pooled.close()

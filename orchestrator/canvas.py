@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from celery import chord, group
 from celery.canvas import Signature
 
-from db import queries
+from db import queries, stages
 from db.models import ItemStatus, JobStatus
-from db.session import connection_scope, session_scope
+from db.session import session_scope, statement_scope
 from orchestrator.celery_app import (
     DATABASE_RETRY,
     TASK_AGGREGATOR,
@@ -92,11 +92,11 @@ def layer_done(item_id: int, layer: int) -> bool:
     A redelivered call may send the next chord twice; its stages find their rows and return early.
     """
     url = get_settings().database_url
-    with connection_scope(url) as connection:
-        item = queries.read_stage(connection, item_id, from_layer=layer)
+    with statement_scope(url) as db:
+        item = stages.read_stage(db, item_id, from_layer=layer)
         if item is None or not item.runnable:
             return False
-        recipe = job_recipe(connection, item.job_id)
+        recipe = job_recipe(db, item.job_id)
         pool = item.pool(layer)
         survivors = [c for c in pool if c.ok]
         if len(pool) < len(recipe.slots(layer)):
@@ -112,12 +112,12 @@ def layer_done(item_id: int, layer: int) -> bool:
             return False
         if len(survivors) >= recipe.min_pool:
             item_canvas(item_id, recipe, layer + 1).apply_async()
-            queries.mark_dispatched(connection, [item_id])
+            stages.mark_dispatched(db, item_id)
             return True
         failures = "; ".join(f"slot {c.slot}: {c.error}" for c in pool if not c.ok)
         reason = (
             f"layer {layer} pool has {len(survivors)} of {len(recipe.slots(layer))} candidates, "
             f"fewer than min_pool={recipe.min_pool}" + (f"; {failures}" if failures else "")
         )
-        queries.finish_item(connection, item_id, ItemStatus.FAILED, error=reason)
+        stages.finish_item(db, item_id, ItemStatus.FAILED, error=reason)
         return False

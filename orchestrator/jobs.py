@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from sqlalchemy.exc import IntegrityError
 
-from db import queries
-from db.session import session_scope
+from db import queries, stages
+from db.session import StageConnection, session_scope
 from orchestrator.celery_app import TASK_DISPATCH, app
 from orchestrator.recipes import Recipe
 from orchestrator.schemas import InputRecord
@@ -90,11 +90,11 @@ def enqueue_job(job_id: str) -> None:
 _recipes: dict[str, Recipe] = {}
 
 
-def job_recipe(executor: queries.Executor, job_id: str) -> Recipe:
+def job_recipe(db: StageConnection, job_id: str) -> Recipe:
     """A job's recipe never changes after submit, so each process parses it once."""
     recipe = _recipes.get(job_id)
     if recipe is None:
-        stored = queries.job_recipe(executor, job_id)
+        stored = stages.job_recipe(db, job_id)
         if stored is None:
             raise LookupError(f"job {job_id} not found")
         recipe = _recipes[job_id] = Recipe.model_validate(stored)

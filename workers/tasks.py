@@ -15,10 +15,10 @@ from typing import Any
 from celery import Task
 from celery.signals import worker_shutdown
 
-from db import queries
+from db import stages
 from db.models import ItemStatus
 from db.queries import GenerationRecord
-from db.session import connection_scope, statement_scope
+from db.session import statement_scope
 from orchestrator.celery_app import DATABASE_RETRY, TASK_AGGREGATOR, TASK_PROPOSER, app
 from orchestrator.jobs import job_recipe
 from orchestrator.prompts import PromptTooLong, build_stage_prompt
@@ -117,14 +117,14 @@ def _retry_or_give_up(task: Task, exc: EngineUnavailable) -> None:
 def run_proposer(self: Task, item_id: int, layer: int, slot: int) -> int | None:
     """Generate one slot of one layer and store it; returns the candidate row id (None: item gone)."""
     url = get_settings().database_url
-    with statement_scope(url) as connection:
-        item = queries.read_stage(connection, item_id, from_layer=layer - 1)
+    with statement_scope(url) as db:
+        item = stages.read_stage(db, item_id, from_layer=layer - 1)
         if item is None or not item.runnable:
             return None
         existing = next((c for c in item.pool(layer) if c.slot == slot), None)
         if existing is not None and existing.ok:
             return existing.id
-        recipe = job_recipe(connection, item.job_id)
+        recipe = job_recipe(db, item.job_id)
     references = [c.text for c in item.pool(layer - 1) if c.ok and c.text]
     stage = _Stage(item.job_id, item.instruction, item.system, references)
     spec = recipe.slots(layer)[slot]
@@ -150,8 +150,8 @@ def run_proposer(self: Task, item_id: int, layer: int, slot: int) -> int | None:
         record = GenerationRecord(model=spec.model, text=None, error=error, attempt=attempt)
     else:
         record = _record(spec.model, generation, attempt)
-    with statement_scope(url) as connection:
-        candidate_id = queries.record_candidate(connection, item_id, layer, slot, record)
+    with statement_scope(url) as db:
+        candidate_id = stages.record_candidate(db, item_id, layer, slot, record)
     STAGES.labels("proposer", "failed" if generation is None else "ok").inc()
     return candidate_id
 
@@ -160,11 +160,11 @@ def run_proposer(self: Task, item_id: int, layer: int, slot: int) -> int | None:
 def run_aggregator(self: Task, item_id: int) -> str | None:
     """Aggregate the last layer's pool into the item's output; returns the item's final status."""
     url = get_settings().database_url
-    with statement_scope(url) as connection:
-        item = queries.read_stage(connection, item_id)
+    with statement_scope(url) as db:
+        item = stages.read_stage(db, item_id)
         if item is None or not item.runnable:
             return item.status if item else None
-        recipe = job_recipe(connection, item.job_id)
+        recipe = job_recipe(db, item.job_id)
     last = len(recipe.layers) - 1
     pool = item.pool(last)
     if len(pool) < len(recipe.slots(last)):
@@ -182,8 +182,8 @@ def run_aggregator(self: Task, item_id: int) -> str | None:
             f"pool has {len(references)} of {expected} candidates, fewer than min_pool={recipe.min_pool}"
             + (f"; {'; '.join(failures)}" if failures else "")
         )
-        with connection_scope(url) as connection:
-            queries.finish_item(connection, item_id, ItemStatus.FAILED, error=reason)
+        with statement_scope(url) as db:
+            stages.finish_item(db, item_id, ItemStatus.FAILED, error=reason)
         return ItemStatus.FAILED
     aggregator = recipe.aggregator
     attempt = self.request.retries + 1
@@ -205,11 +205,16 @@ def run_aggregator(self: Task, item_id: int) -> str | None:
     status = ItemStatus.DEGRADED if degraded else ItemStatus.SUCCEEDED
     note = f"pool has {len(references)} of {expected} candidates; {'; '.join(failures)}" if degraded else None
     record = _record(aggregator.model, generation, attempt)
-    with connection_scope(url) as connection:
-        if queries.record_output(connection, item_id, record, pool_size=len(references)):
-            queries.finish_item(
-                connection, item_id, status, error=note, truncation=[truncation] if truncation else None
-            )
+    with statement_scope(url) as db:
+        stages.finish_with_output(
+            db,
+            item_id,
+            record,
+            pool_size=len(references),
+            status=status,
+            error=note,
+            truncation=[truncation] if truncation else None,
+        )
     STAGES.labels("aggregator", status).inc()
     return status
 
@@ -217,6 +222,6 @@ def run_aggregator(self: Task, item_id: int) -> str | None:
 def _fail(url: str, item_id: int, error: str) -> str:
     log.warning("aggregator item=%s failed: %s", item_id, error)
     STAGES.labels("aggregator", ItemStatus.FAILED).inc()
-    with connection_scope(url) as connection:
-        queries.finish_item(connection, item_id, ItemStatus.FAILED, error=error)
+    with statement_scope(url) as db:
+        stages.finish_item(db, item_id, ItemStatus.FAILED, error=error)
     return ItemStatus.FAILED

@@ -1,0 +1,281 @@
+"""The stage tasks' statements: one read per stage, one write per stage.
+
+These run for every slot of every item, so each is prebuilt once and is a single statement on
+Postgres: a proposer reads its item, its job's status, its own slot row and the previous layer's
+pool in one query and stores its candidate with one upsert; an aggregator reads its pool the same
+way and stores its output, finishes the item and counts it on the job in one statement. They run
+on a `StageConnection` (`db.session.statement_scope`). On SQLite the multi-step writes are several
+statements in the connection's one transaction.
+
+Every write is idempotent: a redelivered task changes nothing that is done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, NamedTuple
+
+from sqlalchemy import JSON, and_, bindparam, case, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from db.models import Candidate, Item, ItemStatus, Job, JobStatus, Output, utcnow
+from db.queries import ITEM_COUNTERS, GenerationRecord
+from db.session import StageConnection
+
+__all__ = [
+    "CandidateRow",
+    "StageRead",
+    "finish_item",
+    "finish_with_output",
+    "job_recipe",
+    "mark_dispatched",
+    "read_stage",
+    "record_candidate",
+]
+
+
+class CandidateRow(NamedTuple):
+    """A candidate as a stage reads it: the columns it uses, without an ORM object."""
+
+    id: int
+    layer: int
+    slot: int
+    text: str | None
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.text is not None
+
+
+@dataclass(frozen=True)
+class StageRead:
+    """What a stage task needs of its item: its fields, its job's status, its candidate rows."""
+
+    job_id: str
+    instruction: str
+    system: str | None
+    status: str
+    job_status: str
+    # Rows of the layers read, ordered by layer and slot.
+    candidates: list[CandidateRow]
+
+    @property
+    def runnable(self) -> bool:
+        """The item still waits for its stages: it is pending and its job was not cancelled."""
+        return self.status == ItemStatus.PENDING and self.job_status != JobStatus.CANCELLED
+
+    def pool(self, layer: int) -> list[CandidateRow]:
+        """Every slot row of a layer, ordered by slot: finished ones and recorded failures."""
+        return [c for c in self.candidates if c.layer == layer]
+
+
+_STAGE_READ = (
+    select(
+        Item.job_id,
+        Item.instruction,
+        Item.system,
+        Item.status,
+        Job.status,
+        Candidate.id,
+        Candidate.layer,
+        Candidate.slot,
+        Candidate.text,
+        Candidate.error,
+    )
+    .join(Job, Job.id == Item.job_id)
+    .outerjoin(Candidate, and_(Candidate.item_id == Item.id, Candidate.layer >= bindparam("from_layer")))
+    .where(Item.id == bindparam("item_id"))
+    .order_by(Candidate.layer, Candidate.slot)
+)
+
+
+def read_stage(db: StageConnection, item_id: int, from_layer: int = 0) -> StageRead | None:
+    """The item, its job's status and its candidate rows of layers >= `from_layer`, in one query;
+    None when there is no such item."""
+    rows = db.rows(_STAGE_READ, {"item_id": item_id, "from_layer": from_layer})
+    if not rows:
+        return None
+    job_id, instruction, system, status, job_status = rows[0][:5]
+    # An item without candidate rows comes back as one row whose candidate columns are NULL.
+    candidates = [CandidateRow._make(row[5:]) for row in rows if row[5] is not None]
+    return StageRead(job_id, instruction, system, status, job_status, candidates)
+
+
+_JOB_RECIPE = select(Job.recipe).where(Job.id == bindparam("job_id"))
+
+
+def job_recipe(db: StageConnection, job_id: str) -> dict[str, Any] | None:
+    """The recipe a job was submitted with, as stored; None when there is no such job."""
+    rows = db.rows(_JOB_RECIPE, {"job_id": job_id})
+    return rows[0][0] if rows else None
+
+
+_MARK_DISPATCHED = update(Item).where(Item.id == bindparam("item_id")).values(dispatched_at=bindparam("now"))
+
+
+def mark_dispatched(db: StageConnection, item_id: int) -> None:
+    """Stamp an item whose next canvas was just sent (the recovery sweep leaves it alone a while)."""
+    db.rows(_MARK_DISPATCHED, {"item_id": item_id, "now": utcnow()})
+
+
+def _insert(dialect: str, table: Any) -> Any:
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+_RECORD_FIELDS = tuple(GenerationRecord.__dataclass_fields__)
+_KEY = ("item_id", "layer", "slot")
+
+
+@cache
+def _candidate_upsert(dialect: str) -> Any:
+    statement = _insert(dialect, Candidate).values(
+        {column: bindparam(column) for column in (*_KEY, *_RECORD_FIELDS)} | {"created_at": bindparam("now")}
+    )
+    return statement.on_conflict_do_update(
+        index_elements=list(_KEY),
+        set_={key: statement.excluded[key] for key in _RECORD_FIELDS},
+        where=Candidate.error.is_not(None),
+    ).returning(Candidate.id)
+
+
+_CANDIDATE_ID = select(Candidate.id).where(*(getattr(Candidate, key) == bindparam(key) for key in _KEY))
+
+
+def record_candidate(
+    db: StageConnection, item_id: int, layer: int, slot: int, record: GenerationRecord
+) -> int:
+    """Store a slot's result and return the row id. A finished slot is never overwritten; a failed one is."""
+    key = {"item_id": item_id, "layer": layer, "slot": slot}
+    written = db.rows(_candidate_upsert(db.dialect.name), key | record.__dict__ | {"now": utcnow()})
+    if written:
+        return int(written[0][0])
+    # The slot was already finished (a redelivered task): keep that row and return its id.
+    return int(db.rows(_CANDIDATE_ID, key)[0][0])
+
+
+_OUTPUT_COLUMNS = (
+    "item_id",
+    "model",
+    "text",
+    "pool_size",
+    "prompt_tokens",
+    "output_tokens",
+    "latency_ms",
+    "finish_reason",
+)
+
+
+@cache
+def _output_insert(dialect: str) -> Any:
+    values: dict[str, Any] = {column: bindparam(column) for column in _OUTPUT_COLUMNS}
+    values["created_at"] = bindparam("now")
+    statement = _insert(dialect, Output).values(values).on_conflict_do_nothing(index_elements=["item_id"])
+    return statement.returning(Output.item_id)
+
+
+_FINISH_VALUES = {
+    Item.status: bindparam("new_status"),
+    Item.error: bindparam("new_error"),
+    Item.truncation: bindparam("new_truncation", type_=JSON),
+    Item.finished_at: bindparam("now"),
+}
+
+
+def _item_move(which: Any) -> Any:
+    """Move the pending item(s) `which` selects to their final status; returns their job ids."""
+    return (
+        update(Item)
+        .where(which, Item.status == ItemStatus.PENDING)
+        .values(_FINISH_VALUES)
+        .returning(Item.job_id)
+    )
+
+
+def _job_count(status: ItemStatus, which: Any) -> Any:
+    """Count one more item of `status` on the job `which` selects and, with its last item, end the
+    job: succeeded when none failed, failed when all did, partial otherwise. Returns the job id."""
+    counter = ITEM_COUNTERS[status]
+    done = Job.items_succeeded + Job.items_degraded + Job.items_failed + 1
+    failed = Job.items_failed + (1 if status == ItemStatus.FAILED else 0)
+    ends = and_(done == Job.total_items, or_(Job.status == JobStatus.QUEUED, Job.status == JobStatus.RUNNING))
+    final = case(
+        (failed == 0, JobStatus.SUCCEEDED),
+        (failed == Job.total_items, JobStatus.FAILED),
+        else_=JobStatus.PARTIAL,
+    )
+    values: dict[Any, Any] = {
+        counter: counter + 1,
+        Job.status: case((ends, final), else_=Job.status),
+        Job.finished_at: case((ends, bindparam("now")), else_=Job.finished_at),
+    }
+    return update(Job).where(which).values(values).returning(Job.id)
+
+
+def _finish(status: ItemStatus, *, with_output: bool) -> Any:
+    """Postgres: the output insert (if any), the item's move and the job's count as ONE statement,
+    each step feeding the next through RETURNING: one round trip, and the job's row is locked only
+    for that statement."""
+    which = Item.id == bindparam("item_id")
+    if with_output:
+        output = _output_insert("postgresql").cte("output")
+        which = Item.id.in_(select(output.c.item_id))
+    moved = _item_move(which).cte("moved")
+    return _job_count(status, Job.id.in_(select(moved.c.job_id)))
+
+
+_FINISH = {
+    (status, with_output): _finish(status, with_output=with_output)
+    for status in ITEM_COUNTERS
+    for with_output in (False, True)
+}
+_ITEM_MOVE = _item_move(Item.id == bindparam("item_id"))
+_JOB_COUNT = {status: _job_count(status, Job.id == bindparam("job_id")) for status in ITEM_COUNTERS}
+
+
+def _finish_params(
+    status: ItemStatus, error: str | None, truncation: list[dict[str, Any]] | None
+) -> dict[str, Any]:
+    return {"new_status": str(status), "new_error": error, "new_truncation": truncation, "now": utcnow()}
+
+
+def finish_item(
+    db: StageConnection,
+    item_id: int,
+    status: ItemStatus,
+    *,
+    error: str | None = None,
+    truncation: list[dict[str, Any]] | None = None,
+) -> bool:
+    """Move a pending item to its final status and count it on the job, once; False if it was not pending."""
+    params = {"item_id": item_id} | _finish_params(status, error, truncation)
+    if db.dialect.name == "postgresql":
+        return bool(db.rows(_FINISH[status, False], params))
+    moved = db.rows(_ITEM_MOVE, params)
+    if not moved:
+        return False
+    db.rows(_JOB_COUNT[status], {"job_id": moved[0][0], "now": params["now"]})
+    return True
+
+
+def finish_with_output(
+    db: StageConnection,
+    item_id: int,
+    record: GenerationRecord,
+    *,
+    pool_size: int,
+    status: ItemStatus,
+    error: str | None = None,
+    truncation: list[dict[str, Any]] | None = None,
+) -> bool:
+    """Store the aggregated answer and finish the item with `status`, once; False when the item
+    already had an output (a redelivered aggregator) or was no longer pending."""
+    assert record.text is not None
+    output = {column: getattr(record, column, None) for column in _OUTPUT_COLUMNS}
+    params = output | {"item_id": item_id, "pool_size": pool_size} | _finish_params(status, error, truncation)
+    if db.dialect.name == "postgresql":
+        return bool(db.rows(_FINISH[status, True], params))
+    if not db.rows(_output_insert(db.dialect.name), params):
+        return False
+    return finish_item(db, item_id, status, error=error, truncation=truncation)
