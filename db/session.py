@@ -125,16 +125,16 @@ def _compiled(statement: ClauseElement, dialect: Dialect) -> _Compiled:
 
 
 class StageConnection:
-    """One pooled connection for a stage task's statements, each of them its own transaction.
+    """One pooled connection for a stage task's statements, each of them atomic by itself.
 
     Stage tasks are the hot path: a worker runs thousands a minute in one process whose threads
-    share one GIL. On Postgres each statement, compiled once per process, goes straight to the
+    share one GIL. With psycopg each statement, compiled once per process, goes straight to the
     driver in autocommit: no BEGIN/COMMIT round trips, and none of SQLAlchemy's per-execution work
     (connection wrapper, execution context, result objects), which cost about twice the driver's
-    own CPU for these one-row statements. On SQLite (the embedded mode) the statements run through
-    a Core connection in one transaction. Statements are prebuilt, without expanding IN lists; rows
-    come back as tuples without result processing (stage statements read integers, text and JSON,
-    which the driver decodes).
+    own CPU for these one-row statements. Elsewhere (SQLite: the embedded mode) the statements run
+    through a Core connection in one transaction. Statements are prebuilt, without expanding IN
+    lists; rows come back as tuples without result processing (the stages read integers, text and
+    JSON, which the driver decodes).
     """
 
     def __init__(self, dialect: Dialect, *, connection: Connection | None = None, pooled: Any = None):
@@ -154,7 +154,7 @@ class StageConnection:
         driver = self._pooled.driver_connection
         try:
             cursor = driver.execute(compiled.sql, values)
-            return cursor.fetchall() if cursor.description else []
+            return cursor.fetchall() if cursor.pgresult.nfields else []
         except self.dialect.loaded_dbapi.Error as exc:
             # Raised as SQLAlchemy's exceptions, which the stages retry (DATABASE_RETRY); a dead
             # connection leaves the pool.
@@ -175,7 +175,7 @@ class StageConnection:
 def statement_scope(url: str) -> Iterator[StageConnection]:
     """A connection for a stage's statements, each atomic by itself (see `StageConnection`)."""
     engine = get_engine(url)
-    if engine.dialect.name != "postgresql":
+    if engine.dialect.driver != "psycopg":
         with engine.begin() as connection:
             yield StageConnection(engine.dialect, connection=connection)
         return
