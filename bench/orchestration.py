@@ -7,7 +7,10 @@ In ONE run, on the same Redis and the same worker set-up (one worker process, a 
   (a) bare Celery: per item a chord of N no-op proposers + 1 no-op aggregator (bench/bare_chord.py);
   (b) SlimMoA: the same items through dispatch -> proposer chord -> aggregator, on the synthetic engine
       at zero latency, with every candidate and output stored in Postgres;
-and prints items/s for each and the ratio (b)/(a). It also reports the peak RSS of the workers.
+and prints items/s for each and the ratio (b)/(a). It also reports the peak RSS of the workers, and
+  (c) the submit of a `--submit-items` job (default 10,000) to the real API (`slimmoa api` in a
+      subprocess): seconds for the POST /v1/jobs and the API's peak RSS meanwhile (the job is then
+      cancelled, so the pipeline's worker only finds it cancelled).
 Needs DATABASE_URL (Postgres) and REDIS_URL; uses its own schema, Redis database and queues.
 """
 
@@ -17,11 +20,15 @@ import argparse
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 import psutil
 import redis
 
@@ -59,6 +66,25 @@ def _wait(
         peak = _peak_rss(watched, peak)
         time.sleep(0.05)
     return time.perf_counter() - started, peak
+
+
+@contextmanager
+def _sampled_rss(process: subprocess.Popen[bytes]) -> Iterator[list[int]]:
+    """Sample the process tree's RSS every 20 ms while the block runs; yields [peak] (filled at exit)."""
+    watched, peak, stop = psutil.Process(process.pid), [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.02):
+            peak[0] = _peak_rss(watched, peak[0])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join()
+        peak[0] = _peak_rss(watched, peak[0])
 
 
 def bare(items: int, proposers: int, concurrency: int, redis_url: str, log_dir: Path) -> tuple[float, int]:
@@ -104,11 +130,65 @@ def bare(items: int, proposers: int, concurrency: int, redis_url: str, log_dir: 
         worker.wait()
 
 
+def _recipe(proposers: int) -> dict[str, Any]:
+    return {
+        "name": "bench",
+        "models": {"p": {"engine": "synthetic", "output_tokens": 32}, "agg": {"engine": "synthetic"}},
+        "layers": [{"proposers": [{"model": "p", "samples": proposers, "sampling": {"seed": 1}}]}],
+        "aggregator": {"model": "agg"},
+    }
+
+
+def _prompt(i: int) -> str:
+    return f"Benchmark prompt number {i}: say something."
+
+
 def slimmoa(
-    items: int, proposers: int, concurrency: int, database_url: str, redis_url: str, log_dir: Path
-) -> tuple[float, int, float]:
+    items: int,
+    proposers: int,
+    concurrency: int,
+    database_url: str,
+    redis_url: str,
+    log_dir: Path,
+    submit_items: int = 0,
+) -> tuple[float, int, float, tuple[float, int] | None]:
+    """(b), and (c) first when `submit_items`: items/s, worker peak RSS, submit seconds, (API
+    submit seconds, API peak RSS)."""
     with isolated_services(database_url, redis_url, concurrency) as env:
-        return _through_pipeline(items, proposers, env, log_dir)
+        submitted = api_submit(submit_items, proposers, env, log_dir) if submit_items else None
+        return (*_through_pipeline(items, proposers, env, log_dir), submitted)
+
+
+def api_submit(items: int, proposers: int, env: dict[str, str], log_dir: Path) -> tuple[float, int]:
+    """Seconds for POST /v1/jobs with `items` items to a live `slimmoa api`, and the API's peak RSS."""
+    from orchestrator.embedded import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "orchestrator.cli", "api", "--port", str(port)]
+    api = _start_worker(command, {**env, "SLIMMOA_API_TOKEN": ""}, log_dir / "slimmoa-api.log")
+    body = {"recipe": _recipe(proposers), "items": [{"instruction": _prompt(i)} for i in range(items)]}
+    try:
+        with httpx.Client(base_url=url, timeout=600) as client:
+            while True:
+                if api.poll() is not None:
+                    raise RuntimeError("the API exited; see its log")
+                try:
+                    if client.get("/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+            with _sampled_rss(api) as peak:
+                started = time.perf_counter()
+                response = client.post("/v1/jobs", json=body)
+                seconds = time.perf_counter() - started
+            response.raise_for_status()
+            client.post(f"/v1/jobs/{response.json()['id']}/cancel").raise_for_status()
+        return seconds, peak[0]
+    finally:
+        api.terminate()
+        api.wait()
 
 
 def _through_pipeline(
@@ -121,15 +201,8 @@ def _through_pipeline(
     from orchestrator.schemas import InputRecord
 
     url = env["DATABASE_URL"]
-    recipe = parse_recipe(
-        {
-            "name": "bench",
-            "models": {"p": {"engine": "synthetic", "output_tokens": 32}, "agg": {"engine": "synthetic"}},
-            "layers": [{"proposers": [{"model": "p", "samples": proposers, "sampling": {"seed": 1}}]}],
-            "aggregator": {"model": "agg"},
-        }
-    )
-    records = [InputRecord(instruction=f"Benchmark prompt number {i}: say something.") for i in range(items)]
+    recipe = parse_recipe(_recipe(proposers))
+    records = [InputRecord(instruction=_prompt(i)) for i in range(items)]
     worker = _start_worker(
         [sys.executable, "-m", "orchestrator.cli", "worker", "--loglevel", "warning"],
         env,
@@ -164,19 +237,26 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--proposers", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--submit-items", type=int, default=10_000, help="(c)'s job size; 0 skips (c).")
     args = parser.parse_args()
     database_url = os.environ["DATABASE_URL"]
     redis_url = os.environ["REDIS_URL"]
     log_dir = Path(os.environ.get("BENCH_LOG_DIR", "/tmp"))
     bare_rate, bare_rss = bare(args.items, args.proposers, args.concurrency, redis_url, log_dir)
-    rate, rss, submit_s = slimmoa(
-        args.items, args.proposers, args.concurrency, database_url, redis_url, log_dir
+    rate, rss, submit_s, api = slimmoa(
+        args.items, args.proposers, args.concurrency, database_url, redis_url, log_dir, args.submit_items
     )
     print(f"items={args.items} proposers={args.proposers} worker=threads x{args.concurrency}")
     print(f"(a) bare Celery chord : {bare_rate:8.1f} items/s  worker peak RSS {bare_rss / 2**20:6.0f} MiB")
     print(f"(b) SlimMoA pipeline  : {rate:8.1f} items/s  worker peak RSS {rss / 2**20:6.0f} MiB")
     print(f"ratio (b)/(a)         : {rate / bare_rate:8.2f}")
     print(f"submit of {args.items} items (one transaction): {submit_s:.2f} s")
+    if api is not None:
+        api_s, api_rss = api
+        print(
+            f"(c) submit of {args.submit_items} items to the API (POST /v1/jobs): {api_s:.2f} s"
+            f"  API peak RSS {api_rss / 2**20:6.0f} MiB"
+        )
 
 
 if __name__ == "__main__":
