@@ -30,7 +30,8 @@ __all__ = [
     "finish_with_output",
     "job_recipe",
     "mark_dispatched",
-    "read_stage",
+    "read_pools",
+    "read_proposer",
     "record_candidate",
 ]
 
@@ -71,36 +72,50 @@ class StageRead:
         return [c for c in self.candidates if c.layer == layer]
 
 
-_STAGE_READ = (
-    select(
-        Item.job_id,
-        Item.instruction,
-        Item.system,
-        Item.status,
-        Job.status,
-        Candidate.id,
-        Candidate.layer,
-        Candidate.slot,
-        Candidate.text,
-        Candidate.error,
+def _stage_read(candidates: Any) -> Any:
+    """The item with its job's status, joined to the candidate rows that `candidates` selects."""
+    columns = (Candidate.id, Candidate.layer, Candidate.slot, Candidate.text, Candidate.error)
+    return (
+        select(Item.job_id, Item.instruction, Item.system, Item.status, Job.status, *columns)
+        .join(Job, Job.id == Item.job_id)
+        .outerjoin(Candidate, and_(Candidate.item_id == Item.id, candidates))
+        .where(Item.id == bindparam("item_id"))
+        .order_by(Candidate.layer, Candidate.slot)
     )
-    .join(Job, Job.id == Item.job_id)
-    .outerjoin(Candidate, and_(Candidate.item_id == Item.id, Candidate.layer >= bindparam("from_layer")))
-    .where(Item.id == bindparam("item_id"))
-    .order_by(Candidate.layer, Candidate.slot)
+
+
+# A proposer needs the previous layer's pool and its own slot's row (not its siblings' texts).
+_PROPOSER_READ = _stage_read(
+    or_(
+        Candidate.layer == bindparam("pool_layer"),
+        and_(Candidate.layer == bindparam("layer"), Candidate.slot == bindparam("slot")),
+    )
 )
+_POOL_READ = _stage_read(Candidate.layer >= bindparam("from_layer"))
 
 
-def read_stage(db: StageConnection, item_id: int, from_layer: int = 0) -> StageRead | None:
-    """The item, its job's status and its candidate rows of layers >= `from_layer`, in one query;
-    None when there is no such item."""
-    rows = db.rows(_STAGE_READ, {"item_id": item_id, "from_layer": from_layer})
+def _read(db: StageConnection, statement: Any, params: dict[str, Any]) -> StageRead | None:
+    rows = db.rows(statement, params)
     if not rows:
         return None
     job_id, instruction, system, status, job_status = rows[0][:5]
     # An item without candidate rows comes back as one row whose candidate columns are NULL.
     candidates = [CandidateRow._make(row[5:]) for row in rows if row[5] is not None]
     return StageRead(job_id, instruction, system, status, job_status, candidates)
+
+
+def read_proposer(db: StageConnection, item_id: int, layer: int, slot: int) -> StageRead | None:
+    """A proposer's one query: the item, its job's status, the pool of layer - 1 and the row of its
+    own (layer, slot) if there is one; None when there is no such item."""
+    return _read(
+        db, _PROPOSER_READ, {"item_id": item_id, "pool_layer": layer - 1, "layer": layer, "slot": slot}
+    )
+
+
+def read_pools(db: StageConnection, item_id: int, from_layer: int = 0) -> StageRead | None:
+    """The item, its job's status and its candidate rows of layers >= `from_layer`, in one query;
+    None when there is no such item."""
+    return _read(db, _POOL_READ, {"item_id": item_id, "from_layer": from_layer})
 
 
 _JOB_RECIPE = select(Job.recipe).where(Job.id == bindparam("job_id"))

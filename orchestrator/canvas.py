@@ -93,7 +93,7 @@ def layer_done(item_id: int, layer: int) -> bool:
     """
     url = get_settings().database_url
     with statement_scope(url) as db:
-        item = stages.read_stage(db, item_id, from_layer=layer)
+        item = stages.read_pools(db, item_id, from_layer=layer)
         if item is None or not item.runnable:
             return False
         recipe = job_recipe(db, item.job_id)

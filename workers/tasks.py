@@ -118,7 +118,7 @@ def run_proposer(self: Task, item_id: int, layer: int, slot: int) -> int | None:
     """Generate one slot of one layer and store it; returns the candidate row id (None: item gone)."""
     url = get_settings().database_url
     with statement_scope(url) as db:
-        item = stages.read_stage(db, item_id, from_layer=layer - 1)
+        item = stages.read_proposer(db, item_id, layer, slot)
         if item is None or not item.runnable:
             return None
         existing = next((c for c in item.pool(layer) if c.slot == slot), None)
@@ -161,22 +161,22 @@ def run_aggregator(self: Task, item_id: int) -> str | None:
     """Aggregate the last layer's pool into the item's output; returns the item's final status."""
     url = get_settings().database_url
     with statement_scope(url) as db:
-        item = stages.read_stage(db, item_id)
+        item = stages.read_pools(db, item_id)
         if item is None or not item.runnable:
             return item.status if item else None
         recipe = job_recipe(db, item.job_id)
     last = len(recipe.layers) - 1
     pool = item.pool(last)
-    if len(pool) < len(recipe.slots(last)):
+    expected = len(recipe.slots(last))
+    if len(pool) < expected:
         # Fired before every slot was stored (a lost or duplicated chord message): aggregating
         # now would make a degraded answer from a pool that is still filling. The recovery sweep
         # sends the aggregator again once the pool is complete.
-        log.warning("aggregator item=%s: %s of %s slots stored", item_id, len(pool), len(recipe.slots(last)))
+        log.warning("aggregator item=%s: %s of %s slots stored", item_id, len(pool), expected)
         return None
     references = [c.text for c in pool if c.ok and c.text]
     failures = [f"slot {c.slot}: {c.error}" for c in pool if not c.ok]
     stage = _Stage(item.job_id, item.instruction, item.system, references)
-    expected = len(recipe.slots(last))
     if len(references) < recipe.min_pool:
         reason = (
             f"pool has {len(references)} of {expected} candidates, fewer than min_pool={recipe.min_pool}"
