@@ -56,7 +56,8 @@ def item_canvas(
     return chord(header, body)
 
 
-@app.task(name=TASK_DISPATCH, acks_late=True, **DATABASE_RETRY)
+# Results are not stored (here and for the stages): nothing reads them, the database is the record.
+@app.task(name=TASK_DISPATCH, acks_late=True, ignore_result=True, **DATABASE_RETRY)
 def dispatch(job_id: str) -> int:
     """Enqueue the canvases of a job's pending items; returns how many were sent."""
     url = get_settings().database_url
@@ -85,7 +86,7 @@ def _cancelled(url: str, job_id: str) -> bool:
         return job is None or job.status == JobStatus.CANCELLED
 
 
-@app.task(name=TASK_LAYER_DONE, acks_late=True, **DATABASE_RETRY)
+@app.task(name=TASK_LAYER_DONE, acks_late=True, ignore_result=True, **DATABASE_RETRY)
 def layer_done(item_id: int, layer: int) -> bool:
     """Between layers: send the next layer's chord, or fail the item if this pool is below `min_pool`.
 

@@ -111,8 +111,8 @@ def _retry_or_give_up(task: Task, exc: EngineUnavailable) -> None:
 
 # Retried: EngineUnavailable (timeouts, lost connections, OOM at generation).
 # Not retried: RequestRejected and PromptTooLong, which would fail the same way again.
-# Results are not stored: nothing reads them (the database is the record), and a chord still
-# counts its header tasks without them.
+# Results are not stored: nothing reads them (the database is the record), and the Redis result
+# backend counts a chord's header tasks without them.
 @app.task(name=TASK_PROPOSER, bind=True, acks_late=True, ignore_result=True, **DATABASE_RETRY)
 def run_proposer(self: Task, item_id: int, layer: int, slot: int) -> int | None:
     """Generate one slot of one layer and store it; returns the candidate row id (None: item gone)."""
