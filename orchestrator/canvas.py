@@ -76,7 +76,9 @@ def dispatch(job_id: str) -> int:
         if start and _cancelled(url, job_id):
             return start
         for item_id in item_ids[start : start + DISPATCH_BATCH]:
-            item_canvas(item_id, recipe).apply_async()
+            # Not in this task's trail: Celery would keep every chord's results (and their result
+            # subscriptions) until the whole job is dispatched, memory growing with the job.
+            item_canvas(item_id, recipe).apply_async(add_to_parent=False)
     return len(item_ids)
 
 

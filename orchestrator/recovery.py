@@ -199,7 +199,8 @@ def sweep(database_url: str, *, grace_s: float | None = None) -> SweepResult:
         if name == TASK_PROPOSER:
             # Every missing slot goes into the new chord, even one still queued: the body must not
             # fire before all of them are stored. A duplicate finds its row and returns.
-            item_canvas(item_id, recipe, layer, [slot for *_, slot in due]).apply_async()
+            canvas = item_canvas(item_id, recipe, layer, [slot for *_, slot in due])
+            canvas.apply_async(add_to_parent=False)  # as in dispatch: no trail of a sweep's chords
             result.proposer_chords += 1
         elif name == TASK_LAYER_DONE:
             app.send_task(TASK_LAYER_DONE, args=(item_id, layer))
