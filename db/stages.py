@@ -7,7 +7,8 @@ way and stores its output, finishes the item and counts it on the job in one sta
 on a `StageConnection` (`db.session.statement_scope`). On SQLite the multi-step writes are several
 statements in the connection's one transaction.
 
-Every write is idempotent: a redelivered task changes nothing that is done.
+Each write is guarded (a unique row, ON CONFLICT, a pending-status check), so a redelivered stage
+changes nothing that is done.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ __all__ = [
     "CandidateRow",
     "StageRead",
     "finish_item",
-    "finish_with_output",
     "job_recipe",
     "mark_dispatched",
     "read_pools",
@@ -170,21 +170,14 @@ def record_candidate(
     return int(db.rows(_CANDIDATE_ID, key)[0][0])
 
 
-_OUTPUT_COLUMNS = (
-    "item_id",
-    "model",
-    "text",
-    "pool_size",
-    "prompt_tokens",
-    "output_tokens",
-    "latency_ms",
-    "finish_reason",
-)
+# What an output stores of its generation record.
+_OUTPUT_FIELDS = ("model", "text", "prompt_tokens", "output_tokens", "latency_ms", "finish_reason")
 
 
 @cache
 def _output_insert(dialect: str) -> Any:
-    values: dict[str, Any] = {column: bindparam(column) for column in _OUTPUT_COLUMNS}
+    columns = ("item_id", "pool_size", *_OUTPUT_FIELDS)
+    values: dict[str, Any] = {column: bindparam(column) for column in columns}
     values["created_at"] = bindparam("now")
     statement = _insert(dialect, Output).values(values).on_conflict_do_nothing(index_elements=["item_id"])
     return statement.returning(Output.item_id)
@@ -249,12 +242,6 @@ _ITEM_MOVE = _item_move(Item.id == bindparam("item_id"))
 _JOB_COUNT = {status: _job_count(status, Job.id == bindparam("job_id")) for status in ITEM_COUNTERS}
 
 
-def _finish_params(
-    status: ItemStatus, error: str | None, truncation: list[dict[str, Any]] | None
-) -> dict[str, Any]:
-    return {"new_status": str(status), "new_error": error, "new_truncation": truncation, "now": utcnow()}
-
-
 def finish_item(
     db: StageConnection,
     item_id: int,
@@ -262,35 +249,26 @@ def finish_item(
     *,
     error: str | None = None,
     truncation: list[dict[str, Any]] | None = None,
+    output: GenerationRecord | None = None,
+    pool_size: int = 0,
 ) -> bool:
-    """Move a pending item to its final status and count it on the job, once; False if it was not pending."""
-    params = {"item_id": item_id} | _finish_params(status, error, truncation)
+    """Move a pending item to its final status and count it on the job, once. With `output` (the
+    aggregated answer, made from `pool_size` candidates) the output is stored first, once.
+
+    Returns False when nothing changed: the item was not pending, or already had an output (a
+    redelivered aggregator).
+    """
+    params: dict[str, Any] = {"item_id": item_id, "new_status": str(status), "now": utcnow()}
+    params |= {"new_error": error, "new_truncation": truncation}
+    if output is not None:
+        assert output.text is not None
+        params |= {field: getattr(output, field) for field in _OUTPUT_FIELDS} | {"pool_size": pool_size}
     if db.dialect.name == "postgresql":
-        return bool(db.rows(_FINISH[status, False], params))
+        return bool(db.rows(_FINISH[status, output is not None], params))
+    if output is not None and not db.rows(_output_insert(db.dialect.name), params):
+        return False
     moved = db.rows(_ITEM_MOVE, params)
     if not moved:
         return False
     db.rows(_JOB_COUNT[status], {"job_id": moved[0][0], "now": params["now"]})
     return True
-
-
-def finish_with_output(
-    db: StageConnection,
-    item_id: int,
-    record: GenerationRecord,
-    *,
-    pool_size: int,
-    status: ItemStatus,
-    error: str | None = None,
-    truncation: list[dict[str, Any]] | None = None,
-) -> bool:
-    """Store the aggregated answer and finish the item with `status`, once; False when the item
-    already had an output (a redelivered aggregator) or was no longer pending."""
-    assert record.text is not None
-    output = {column: getattr(record, column, None) for column in _OUTPUT_COLUMNS}
-    params = output | {"item_id": item_id, "pool_size": pool_size} | _finish_params(status, error, truncation)
-    if db.dialect.name == "postgresql":
-        return bool(db.rows(_FINISH[status, True], params))
-    if not db.rows(_output_insert(db.dialect.name), params):
-        return False
-    return finish_item(db, item_id, status, error=error, truncation=truncation)

@@ -206,14 +206,14 @@ def run_aggregator(self: Task, item_id: int) -> str | None:
     note = f"pool has {len(references)} of {expected} candidates; {'; '.join(failures)}" if degraded else None
     record = _record(aggregator.model, generation, attempt)
     with statement_scope(url) as db:
-        stages.finish_with_output(
+        stages.finish_item(
             db,
             item_id,
-            record,
-            pool_size=len(references),
-            status=status,
+            status,
             error=note,
             truncation=[truncation] if truncation else None,
+            output=record,
+            pool_size=len(references),
         )
     STAGES.labels("aggregator", status).inc()
     return status
