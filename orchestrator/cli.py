@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import tempfile
@@ -78,9 +79,8 @@ def run(
             job_id = create_job(database_url, chosen, records, name=name)
             console.print(f"job [bold]{job_id}[/bold]: {len(records)} items, recipe {chosen.name}")
             log_path = output.with_name(output.name + ".worker.log")
-            queues = [get_settings().queue_control, get_settings().queue_inference]
             env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
-            with worker_process(env, log_path, queues, get_settings().inference_concurrency) as worker:
+            with worker_process(env, log_path, get_settings().inference_concurrency) as worker:
                 enqueue_job(job_id)
                 status = _follow(database_url, job_id, worker.poll, log_path)
     except EmbeddedError as exc:
@@ -148,10 +148,23 @@ def _write_export(database_url: str, job_id: str, generator: str, fmt: ExportFor
     return path
 
 
+class WorkerRole(enum.StrEnum):
+    ALL = "all"  # one worker for everything (a single machine, `slimmoa run`)
+    CONTROL = "control"  # dispatch, layer checks, the recovery sweep: no engines
+    INFERENCE = "inference"  # the stages and judges: owns the device and the engines
+
+
 @cli.command()
 def worker(
-    queues: Annotated[
-        str | None, typer.Option(help="Comma-separated queues (default: all SlimMoA queues).")
+    role: Annotated[WorkerRole, typer.Option(help="Which work this worker takes.")] = WorkerRole.ALL,
+    memory_gb: Annotated[
+        float | None,
+        typer.Option(
+            "--memory-gb",
+            "--gpu-memory-gb",
+            min=0.1,
+            help="Memory budget for resident models, GB (GPU memory, or RAM on a CPU); default: no budget.",
+        ),
     ] = None,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Threads: generations in flight.")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
@@ -160,12 +173,27 @@ def worker(
     ] = False,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on this port.")] = None,
 ) -> None:
-    """Start a Celery worker that hosts the engines (threads pool: vLLM cannot live in a prefork child)."""
+    """Start a Celery worker. Inference roles host the engines (threads pool: vLLM cannot live in a
+    prefork child) and consume per-model queues by affinity, within the memory budget."""
+    if memory_gb is not None:
+        os.environ["WORKER_MEMORY_GB"] = str(memory_gb)
+        get_settings.cache_clear()
+        configure(celery_app, get_settings())
     settings = get_settings()
     if not settings.redis_url or not settings.database_url:
         raise _fail("a worker needs REDIS_URL and DATABASE_URL")
-    import workers.judge_tasks  # (registers the judge task on the app)
-    import workers.tasks  # noqa: F401  (registers the stage tasks on the app)
+    queues = []
+    if role != WorkerRole.INFERENCE:
+        queues.append(settings.queue_control)
+    if role != WorkerRole.CONTROL:
+        import workers.judge_tasks  # (registers the judge task on the app)
+        import workers.tasks  # noqa: F401  (registers the stage tasks on the app)
+        from workers.affinity import AffinityStep
+
+        # Judges wait in the shared inference queue; stages in per-model queues, which the
+        # affinity scheduler starts and stops consuming.
+        queues.append(settings.queue_inference)
+        celery_app.steps["consumer"].add(AffinityStep)
 
     port = settings.worker_metrics_port if metrics_port is None else metrics_port
     if port:
@@ -173,7 +201,6 @@ def worker(
 
         start_http_server(port, addr=settings.worker_metrics_host)
 
-    chosen = queues or f"{settings.queue_control},{settings.queue_inference}"
     celery_app.worker_main(
         [
             "worker",
@@ -182,7 +209,7 @@ def worker(
             "--concurrency",
             str(concurrency or settings.inference_concurrency),
             "--queues",
-            chosen,
+            ",".join(queues),
             "--loglevel",
             loglevel,
             "--without-gossip",
@@ -264,6 +291,8 @@ def plan(
     for stage, models in memory_plan.loads:
         console.print(f"  {stage}: load {', '.join(models) if models else 'nothing'}")
     console.print(f"loads per job: {memory_plan.total_loads} (one per swapped model per layer, not per item)")
+    for warning in memory_plan.warnings:
+        err.print(f"[yellow]note:[/yellow] {warning}")
     if not memory_plan.fits:
         raise _fail("does not fit: " + "; ".join(memory_plan.problems), code=1)
 
@@ -357,6 +386,12 @@ def _show_job(job: JobDetailPublic) -> None:
         + (f"; {job.progress.items_per_second:.2f} items/s" if job.progress.items_per_second else "")
         + (f"; ETA {eta:.0f} s" if eta is not None else "")
     )
+    if job.engine.loads:
+        console.print(
+            f"model loads: {job.engine.loads} ({job.engine.load_seconds:.1f} s), "
+            f"{job.engine.swaps} of them swaps: "
+            + ", ".join(f"{model} x{count}" for model, count in sorted(job.engine.per_model.items()))
+        )
 
 
 def _watch(client: ApiClient, job_id: str, interval: float) -> JobDetailPublic:

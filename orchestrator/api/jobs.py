@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import asdict
 from itertools import islice
 from typing import Annotated, Any
 
@@ -10,7 +11,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from db import queries
+from db import queries, residency
 from db.models import ItemStatus, JobStatus
 from db.session import session_scope
 from orchestrator.api.deps import JobDep, PageDep, SessionDep, SettingsDep
@@ -18,6 +19,7 @@ from orchestrator.api.intake import read_submission
 from orchestrator.api.problems import ProblemError
 from orchestrator.api.schemas import (
     MAX_ID,
+    EngineLoadsPublic,
     ItemDetailPublic,
     ItemPublic,
     ItemsPublic,
@@ -95,7 +97,8 @@ def list_jobs(session: SessionDep, page: PageDep, status: JobStatus | None = Non
 def read_job(job: JobDep, session: SessionDep) -> JobDetailPublic:
     """The job with its progress: counts per stage and status, tokens, rate and ETA."""
     progress = ProgressPublic.of(job, queries.job_counts(session, job.id))
-    return JobDetailPublic(**JobPublic.model_validate(job).model_dump(), progress=progress)
+    loads = EngineLoadsPublic(**asdict(residency.load_stats(session, job.id)))
+    return JobDetailPublic(**JobPublic.model_validate(job).model_dump(), progress=progress, engine=loads)
 
 
 @router.get("/{job_id}/items", response_model=ItemsPublic, responses=_NOT_FOUND)
