@@ -7,10 +7,10 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -27,7 +27,7 @@ from orchestrator.client import DEFAULT_URL, ApiClient, ApiError
 from orchestrator.console import console, err
 from orchestrator.console import fail as _fail
 from orchestrator.embedded import EmbeddedError, private_redis, worker_process
-from orchestrator.exports import ExportFormat, export_lines
+from orchestrator.exports import ExportError, ExportFormat, Rejected, metadata_path, open_export
 from orchestrator.inputs import InputError, read_records
 from orchestrator.jobs import create_job, enqueue_job
 from orchestrator.recipes import EMBEDDED_MODELS, RecipeError, load_recipe, missing_local_weights
@@ -85,10 +85,10 @@ def run(
                 status = _follow(database_url, job_id, worker.poll, log_path)
     except EmbeddedError as exc:
         raise _fail(str(exc), code=1) from None
-    generator = f"slimmoa-{chosen.name}"
-    _write_export(database_url, job_id, generator, ExportFormat.JSONL, output)
-    pools_path = output.with_name(output.stem + ".pools.jsonl")
-    pools = _write_export(database_url, job_id, generator, ExportFormat.POOLS, pools_path)
+    _write_export(database_url, job_id, ExportFormat.JSONL, output)
+    pools = _write_export(
+        database_url, job_id, ExportFormat.POOLS, output.with_name(output.stem + ".pools.jsonl")
+    )
     with session_scope(database_url) as session:
         counts = queries.count_rows(session, job_id)
     if show:
@@ -139,11 +139,28 @@ def _follow(database_url: str, job_id: str, worker_poll: object, log_path: Path)
             time.sleep(POLL_INTERVAL_S)
 
 
-def _write_export(database_url: str, job_id: str, generator: str, fmt: ExportFormat, path: Path) -> Path:
-    """Write one export of the job, atomically: readers never see a half-written file."""
+def _write_export(database_url: str, job_id: str, fmt: ExportFormat, path: Path) -> Path:
+    """Write one export of the job from the database, with its metadata record beside it."""
+    with session_scope(database_url) as session:
+        job = queries.get_job(session, job_id)
+        assert job is not None
+    export = open_export(database_url, job, fmt)
+    return _save(path, export.chunks, export.metadata.model_dump(mode="json"))
+
+
+def _save(path: Path, chunks: Iterable[bytes], metadata: dict[str, Any]) -> Path:
+    """Write an export atomically (readers never see a half-written file), its metadata record beside it."""
     partial = path.with_name(path.name + ".partial")
-    with partial.open("w", encoding="utf-8") as handle:
-        handle.writelines(export_lines(database_url, job_id, fmt, generator))
+    try:
+        with partial.open("wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    metadata_path(path).write_text(
+        json.dumps(metadata, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     partial.replace(path)
     return path
 
@@ -429,6 +446,14 @@ def status(
         raise typer.Exit(1)
 
 
+def _rejected_rule(value: str) -> str:
+    try:
+        Rejected.parse(value)
+    except ExportError as exc:
+        raise typer.BadParameter(exc.reason) from None
+    return value
+
+
 @cli.command()
 def export(
     job_id: JobArg,
@@ -436,20 +461,23 @@ def export(
     export_format: Annotated[
         ExportFormat, typer.Option("--format", help="What to write.")
     ] = ExportFormat.JSONL,
+    rejected: Annotated[
+        str,
+        typer.Option(
+            callback=_rejected_rule,
+            help="For --format preference, the final-layer candidate rejected: "
+            "shortest, longest, random (seeded by the item) or model:NAME.",
+        ),
+    ] = "shortest",
     url: ApiUrl = DEFAULT_URL,
     token: ApiToken = None,
 ) -> None:
-    """Download a job's finished results (the job may still run)."""
-    partial = output.with_name(output.name + ".partial")
-    try:
-        with _api(url, token) as client, partial.open("wb") as handle:
-            for chunk in client.results(job_id, export_format):
-                handle.write(chunk)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    partial.replace(output)
-    console.print(f"{export_format.value} export of job {job_id}: {output}")
+    """Download a job's finished results (the job may still run); the metadata record goes beside them."""
+    with _api(url, token) as client, client.results(job_id, export_format, rejected=rejected) as download:
+        _save(output, download.chunks, download.metadata)
+    console.print(
+        f"{export_format.value} export of job {job_id}: {output} (metadata: {metadata_path(output)})"
+    )
 
 
 @cli.command()
