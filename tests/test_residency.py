@@ -293,6 +293,38 @@ def test_aggregations_waiting_are_swapped_in_before_a_bigger_proposal_backlog(
         client.delete(*c.queues)
 
 
+def test_finished_pools_are_aggregated_while_later_proposals_wait(
+    database_url: str, worker: subprocess.Popen[bytes]
+) -> None:
+    from db.models import Output
+    from tests.conftest import submit
+
+    suffix = uuid.uuid4().hex[:6]
+    recipe = recipe_from_yaml(
+        f"""
+name: streaming
+models:
+  stream-{suffix}: {{engine: synthetic, latency_ms: 30}}
+layers: [{{proposers: [{{model: stream-{suffix}, samples: 3}}]}}]
+aggregator: {{model: stream-{suffix}}}
+"""
+    )
+    job_id = submit(database_url, recipe, sample_records(80))
+    assert wait_for_job(database_url, job_id).status == "succeeded"
+    with session_scope(database_url) as session:
+        first_output = session.scalar(
+            select(func.min(Output.created_at)).join(Item).where(Item.job_id == job_id)
+        )
+        later = session.scalar(
+            select(func.count())
+            .select_from(Candidate)
+            .join(Item)
+            .where(Item.job_id == job_id, Candidate.created_at > first_output)
+        )
+    # With one queue for every stage the first aggregation would wait behind all 240 proposals.
+    assert later > 80, f"only {later} of 240 candidates came after the first output"
+
+
 # --- A real worker with a memory budget --------------------------------------------------------------
 
 
