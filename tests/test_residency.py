@@ -27,7 +27,7 @@ from orchestrator.planning import plan_memory
 from orchestrator.recipes import Recipe, SyntheticModel
 from orchestrator.routing import ModelQueues
 from orchestrator.settings import Settings, get_settings
-from tests.conftest import recipe_from_yaml, sample_records, wait_for_job
+from tests.conftest import recipe_from_yaml, sample_records, stop_process, wait_for_job
 from workers.affinity import AffinityScheduler
 from workers.engine_host import EngineHost, LoadEvent
 from workers.engines import ChatRequest, EngineOutOfMemory, EngineUnavailable, Generation, ModelTooLarge
@@ -353,11 +353,7 @@ def budget_worker(
     try:
         yield process, control
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process, timeout=60)
 
 
 def run_job(database_url: str, control: str, recipe: Recipe, items: int) -> str:

@@ -11,6 +11,7 @@ import logging
 import random
 import socket
 import threading
+from dataclasses import asdict
 from typing import Any
 
 from celery import Task
@@ -50,18 +51,8 @@ def engine_host() -> EngineHost:
 def _record_load(event: LoadEvent) -> None:
     """Loads and swaps are job statistics: a job whose models do not fit pays for them."""
     with session_scope(get_settings().database_url) as session:
-        residency.record_engine_load(
-            session,
-            residency.EngineLoadRecord(
-                job_id=event.job_id,
-                model=event.model,
-                kind=event.kind,
-                seconds=event.seconds,
-                evicted=event.evicted,
-                unload_seconds=event.unload_seconds,
-                worker=socket.gethostname(),
-            ),
-        )
+        record = residency.EngineLoadRecord(**asdict(event), worker=socket.gethostname())
+        residency.record_engine_load(session, record)
 
 
 @worker_shutdown.connect
