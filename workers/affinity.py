@@ -82,13 +82,11 @@ class AffinityScheduler:
         """The models of the jobs that may still have stages to run, with their queues."""
         with session_scope(self.settings.database_url) as session:
             jobs = active_jobs(session)
-        recipes = []
-        for job_id, data in jobs:
-            recipe = self._recipes.get(job_id)
-            if recipe is None:
-                recipe = self._recipes[job_id] = Recipe.model_validate(data)
-            recipes.append(recipe)
-        return model_queues(recipes)
+        # Parsed once per job, forgotten when the job ends.
+        self._recipes = {
+            job_id: self._recipes.get(job_id) or Recipe.model_validate(data) for job_id, data in jobs
+        }
+        return model_queues(list(self._recipes.values()))
 
     def backlog(self, models: dict[str, ModelQueues]) -> tuple[dict[str, int], dict[str, int]]:
         """Per model: tasks waiting or held here (all stages), and aggregations among them."""
