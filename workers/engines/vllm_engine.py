@@ -46,6 +46,13 @@ def cpu_kv_cache_gb(spec: VllmModel) -> float:
     return DEFAULT_CPU_KV_CACHE_GB
 
 
+def request_seed(seed: int | None, *, on_cpu: bool) -> int | None:
+    """vLLM CPU kills its engine ("CPU Generator does not use offset") when a seeded request's prefill
+    is split across steps, which happens whenever many prompts arrive together. There, requests sample
+    unseeded: candidates still differ, runs are not reproducible."""
+    return None if on_cpu else seed
+
+
 def _device_free_bytes(on_cpu: bool) -> int | None:
     """Free memory of the current GPU; None on a CPU."""
     if on_cpu:
@@ -169,10 +176,7 @@ class VllmEngine(Engine):
             temperature=request.temperature,
             top_p=request.top_p,
             max_tokens=request.max_tokens,
-            # vLLM CPU kills its engine ("CPU Generator does not use offset") when a seeded request's
-            # prefill is split across steps, which happens whenever many prompts arrive together.
-            # There, requests sample unseeded: candidates still differ, runs are not reproducible.
-            seed=None if self._on_cpu else request.seed,
+            seed=request_seed(request.seed, on_cpu=self._on_cpu),
             logprobs=request.logprobs,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
