@@ -473,6 +473,8 @@ def export(
     token: ApiToken = None,
 ) -> None:
     """Download a job's finished results (the job may still run); the metadata record goes beside them."""
+    if not output.parent.is_dir():
+        raise _fail(f"--output: no folder {output.parent} to write {output.name} in")
     with _api(url, token) as client, client.results(job_id, export_format, rejected=rejected) as download:
         _save(output, download.chunks, download.metadata)
     console.print(

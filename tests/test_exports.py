@@ -292,6 +292,14 @@ def test_a_bad_format_or_rule_is_a_clear_error(
     assert list(tmp_path.iterdir()) == [], "nothing is written"
 
 
+def test_export_into_a_missing_folder_is_a_clear_error(tmp_path: Path, api_url: str, job_id: str) -> None:
+    out = tmp_path / "missing" / "out.jsonl"
+    result = slimmoa("export", job_id, "-o", str(out), "--api", api_url)
+    assert result.exit_code == 2, result.output
+    assert f"--output: no folder {out.parent}" in " ".join(result.stderr.replace("│", " ").split())
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("params", "detail"),
     [
