@@ -4,7 +4,8 @@ offline batch API, same model (the embedded SmolLM2), same sampling, in one scri
     python -m bench.engine_throughput [--requests 48] [--max-tokens 64] [--concurrency 48]
 
 (a) `vllm.LLM.chat` on all N conversations at once: the engine alone, batching everything.
-(b) N items through dispatch -> proposer (the same model, the same per-request seeds) -> a synthetic
+(b) N items through dispatch -> proposer (the same model, the same per-request seeds; on a CPU neither
+    run is seeded, as the engine drops seeds there) -> a synthetic
     aggregator (zero latency, so the aggregation costs no model time), on a worker whose engine is
     warmed up first; the clock runs from enqueue until the last candidate is stored.
 Prints tokens/s for each and the ratio (b)/(a). Needs DATABASE_URL (Postgres) and REDIS_URL.
@@ -40,8 +41,9 @@ def prompts(count: int) -> list[str]:
 def offline(instructions: list[str], max_tokens: int, model_dir: Path) -> float:
     """Tokens/s of vLLM's offline batch API on all requests at once (load time excluded)."""
     from vllm import LLM, SamplingParams
+    from vllm.platforms import current_platform
 
-    from workers.engines.vllm_engine import DEFAULT_CPU_KV_CACHE_GB, cpu_dtype
+    from workers.engines.vllm_engine import DEFAULT_CPU_KV_CACHE_GB, cpu_dtype, request_seed
 
     llm = LLM(
         model=str(model_dir),
@@ -52,7 +54,13 @@ def offline(instructions: list[str], max_tokens: int, model_dir: Path) -> float:
     )
     conversations = [[{"role": "user", "content": text}] for text in instructions]
     params = [
-        SamplingParams(temperature=0.7, top_p=0.95, max_tokens=max_tokens, seed=1000 + i)
+        # The same seeds as the pipeline's requests, dropped on a CPU as the engine drops them.
+        SamplingParams(
+            temperature=0.7,
+            top_p=0.95,
+            max_tokens=max_tokens,
+            seed=request_seed(1000 + i, on_cpu=current_platform.is_cpu()),
+        )
         for i in range(len(instructions))
     ]
     started = time.perf_counter()

@@ -24,6 +24,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 __all__ = [
     "Base",
     "Candidate",
+    "EngineLoad",
     "Evaluation",
     "EvaluationStatus",
     "Item",
@@ -252,3 +253,23 @@ class Judgment(Base):
 
     evaluation: Mapped[Evaluation] = relationship(back_populates="judgments")
     item: Mapped[Item] = relationship()
+
+
+class EngineLoad(Base):
+    """A model made ready on a worker (a cold load or a wake), and the models it evicted to fit.
+
+    Counted per job: a job whose models do not all fit pays about one load per model per layer.
+    """
+
+    __tablename__ = "engine_loads"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    # The job whose stage needed the model; None when the job is unknown (deleted since).
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    model: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(8))  # "load" or "wake"
+    seconds: Mapped[float] = mapped_column(Float)
+    evicted: Mapped[list[Any]]
+    unload_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    worker: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -25,9 +25,10 @@ from orchestrator.celery_app import (
 )
 from orchestrator.jobs import job_recipe
 from orchestrator.recipes import Recipe
+from orchestrator.routing import aggregator_queue, proposer_queue
 from orchestrator.settings import get_settings
 
-__all__ = ["dispatch", "item_canvas", "layer_done"]
+__all__ = ["aggregator_signature", "dispatch", "item_canvas", "layer_done"]
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,29 @@ def item_canvas(
     database. Layers are linked by `layer_done` sending the next chord, not by chaining or nesting
     chords, whose bodies Celery passes results into or may start before the inner header has finished.
     """
-    chosen = [s.slot for s in recipe.slots(layer)] if slots is None else list(slots)
+    specs = recipe.slots(layer)
+    chosen = [s.slot for s in specs] if slots is None else list(slots)
     header = group(
-        app.signature(TASK_PROPOSER, args=(item_id, layer, slot), immutable=True) for slot in chosen
+        app.signature(
+            TASK_PROPOSER,
+            args=(item_id, layer, slot),
+            immutable=True,
+            queue=proposer_queue(specs[slot].model),
+        )
+        for slot in chosen
     )
     if layer == len(recipe.layers) - 1:
-        body = app.signature(TASK_AGGREGATOR, args=(item_id,), immutable=True)
+        body = aggregator_signature(item_id, recipe)
     else:
         body = app.signature(TASK_LAYER_DONE, args=(item_id, layer), immutable=True)
     return chord(header, body)
+
+
+def aggregator_signature(item_id: int, recipe: Recipe) -> Signature:
+    """The aggregator of one item, on its model's aggregation queue."""
+    return app.signature(
+        TASK_AGGREGATOR, args=(item_id,), immutable=True, queue=aggregator_queue(recipe.aggregator.model)
+    )
 
 
 # Results are not stored (here and for the stages): nothing reads them, the database is the record.

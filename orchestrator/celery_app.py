@@ -62,8 +62,6 @@ def configure(celery: Celery, settings: Settings) -> None:
         task_default_queue=settings.queue_control,
         task_routes={
             TASK_DISPATCH: {"queue": settings.queue_control},
-            TASK_PROPOSER: {"queue": settings.queue_inference},
-            TASK_AGGREGATOR: {"queue": settings.queue_inference},
             TASK_LAYER_DONE: {"queue": settings.queue_control},
             # A judge is a model like the stages' ones: it runs where the engines live.
             TASK_JUDGE: {"queue": settings.queue_inference},

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -26,7 +27,7 @@ from orchestrator.client import DEFAULT_URL, ApiClient, ApiError
 from orchestrator.console import console, err
 from orchestrator.console import fail as _fail
 from orchestrator.embedded import EmbeddedError, private_redis, worker_process
-from orchestrator.exports import ExportFormat, export_lines
+from orchestrator.exports import ExportError, ExportFormat, Rejected, metadata_path, open_export
 from orchestrator.inputs import InputError, read_records
 from orchestrator.jobs import create_job, enqueue_job
 from orchestrator.recipes import EMBEDDED_MODELS, RecipeError, load_recipe, missing_local_weights
@@ -78,17 +79,16 @@ def run(
             job_id = create_job(database_url, chosen, records, name=name)
             console.print(f"job [bold]{job_id}[/bold]: {len(records)} items, recipe {chosen.name}")
             log_path = output.with_name(output.name + ".worker.log")
-            queues = [get_settings().queue_control, get_settings().queue_inference]
             env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
-            with worker_process(env, log_path, queues, get_settings().inference_concurrency) as worker:
+            with worker_process(env, log_path, get_settings().inference_concurrency) as worker:
                 enqueue_job(job_id)
                 status = _follow(database_url, job_id, worker.poll, log_path)
     except EmbeddedError as exc:
         raise _fail(str(exc), code=1) from None
-    generator = f"slimmoa-{chosen.name}"
-    _write_export(database_url, job_id, generator, ExportFormat.JSONL, output)
-    pools_path = output.with_name(output.stem + ".pools.jsonl")
-    pools = _write_export(database_url, job_id, generator, ExportFormat.POOLS, pools_path)
+    _write_export(database_url, job_id, ExportFormat.JSONL, output)
+    pools = _write_export(
+        database_url, job_id, ExportFormat.POOLS, output.with_name(output.stem + ".pools.jsonl")
+    )
     with session_scope(database_url) as session:
         counts = queries.count_rows(session, job_id)
     if show:
@@ -139,19 +139,49 @@ def _follow(database_url: str, job_id: str, worker_poll: object, log_path: Path)
             time.sleep(POLL_INTERVAL_S)
 
 
-def _write_export(database_url: str, job_id: str, generator: str, fmt: ExportFormat, path: Path) -> Path:
-    """Write one export of the job, atomically: readers never see a half-written file."""
+def _write_export(database_url: str, job_id: str, fmt: ExportFormat, path: Path) -> Path:
+    """Write one export of the job from the database, with its metadata record beside it."""
+    with session_scope(database_url) as session:
+        job = queries.get_job(session, job_id)
+        assert job is not None
+    export = open_export(database_url, job, fmt)
+    return _save(path, export.chunks, export.metadata.model_dump(mode="json"))
+
+
+def _save(path: Path, chunks: Iterable[bytes], metadata: dict[str, Any]) -> Path:
+    """Write an export atomically (readers never see a half-written file), its metadata record beside it."""
     partial = path.with_name(path.name + ".partial")
-    with partial.open("w", encoding="utf-8") as handle:
-        handle.writelines(export_lines(database_url, job_id, fmt, generator))
+    try:
+        with partial.open("wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    metadata_path(path).write_text(
+        json.dumps(metadata, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     partial.replace(path)
     return path
 
 
+class WorkerRole(enum.StrEnum):
+    ALL = "all"  # one worker for everything (a single machine, `slimmoa run`)
+    CONTROL = "control"  # dispatch, layer checks, the recovery sweep: no engines
+    INFERENCE = "inference"  # the stages and judges: owns the device and the engines
+
+
 @cli.command()
 def worker(
-    queues: Annotated[
-        str | None, typer.Option(help="Comma-separated queues (default: all SlimMoA queues).")
+    role: Annotated[WorkerRole, typer.Option(help="Which work this worker takes.")] = WorkerRole.ALL,
+    memory_gb: Annotated[
+        float | None,
+        typer.Option(
+            "--memory-gb",
+            "--gpu-memory-gb",
+            min=0.1,
+            help="Memory budget for resident models, GB (GPU memory, or RAM on a CPU); default: no budget.",
+        ),
     ] = None,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Threads: generations in flight.")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
@@ -160,12 +190,27 @@ def worker(
     ] = False,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on this port.")] = None,
 ) -> None:
-    """Start a Celery worker that hosts the engines (threads pool: vLLM cannot live in a prefork child)."""
+    """Start a Celery worker. Inference roles host the engines (threads pool: vLLM cannot live in a
+    prefork child) and consume per-model queues by affinity, within the memory budget."""
+    if memory_gb is not None:
+        os.environ["WORKER_MEMORY_GB"] = str(memory_gb)
+        get_settings.cache_clear()
+        configure(celery_app, get_settings())
     settings = get_settings()
     if not settings.redis_url or not settings.database_url:
         raise _fail("a worker needs REDIS_URL and DATABASE_URL")
-    import workers.judge_tasks  # (registers the judge task on the app)
-    import workers.tasks  # noqa: F401  (registers the stage tasks on the app)
+    queues = []
+    if role != WorkerRole.INFERENCE:
+        queues.append(settings.queue_control)
+    if role != WorkerRole.CONTROL:
+        import workers.judge_tasks  # (registers the judge task on the app)
+        import workers.tasks  # noqa: F401  (registers the stage tasks on the app)
+        from workers.affinity import AffinityStep
+
+        # Judges wait in the shared inference queue; stages in per-model queues, which the
+        # affinity scheduler starts and stops consuming.
+        queues.append(settings.queue_inference)
+        celery_app.steps["consumer"].add(AffinityStep)
 
     port = settings.worker_metrics_port if metrics_port is None else metrics_port
     if port:
@@ -173,7 +218,6 @@ def worker(
 
         start_http_server(port, addr=settings.worker_metrics_host)
 
-    chosen = queues or f"{settings.queue_control},{settings.queue_inference}"
     celery_app.worker_main(
         [
             "worker",
@@ -182,7 +226,7 @@ def worker(
             "--concurrency",
             str(concurrency or settings.inference_concurrency),
             "--queues",
-            chosen,
+            ",".join(queues),
             "--loglevel",
             loglevel,
             "--without-gossip",
@@ -264,6 +308,8 @@ def plan(
     for stage, models in memory_plan.loads:
         console.print(f"  {stage}: load {', '.join(models) if models else 'nothing'}")
     console.print(f"loads per job: {memory_plan.total_loads} (one per swapped model per layer, not per item)")
+    for warning in memory_plan.warnings:
+        err.print(f"[yellow]note:[/yellow] {warning}")
     if not memory_plan.fits:
         raise _fail("does not fit: " + "; ".join(memory_plan.problems), code=1)
 
@@ -357,6 +403,12 @@ def _show_job(job: JobDetailPublic) -> None:
         + (f"; {job.progress.items_per_second:.2f} items/s" if job.progress.items_per_second else "")
         + (f"; ETA {eta:.0f} s" if eta is not None else "")
     )
+    if job.engine.loads:
+        console.print(
+            f"model loads: {job.engine.loads} ({job.engine.load_seconds:.1f} s), "
+            f"{job.engine.swaps} of them swaps: "
+            + ", ".join(f"{model} x{count}" for model, count in sorted(job.engine.per_model.items()))
+        )
 
 
 def _watch(client: ApiClient, job_id: str, interval: float) -> JobDetailPublic:
@@ -394,6 +446,14 @@ def status(
         raise typer.Exit(1)
 
 
+def _rejected_rule(value: str) -> str:
+    try:
+        Rejected.parse(value)
+    except ExportError as exc:
+        raise typer.BadParameter(exc.reason) from None
+    return value
+
+
 @cli.command()
 def export(
     job_id: JobArg,
@@ -401,20 +461,25 @@ def export(
     export_format: Annotated[
         ExportFormat, typer.Option("--format", help="What to write.")
     ] = ExportFormat.JSONL,
+    rejected: Annotated[
+        str,
+        typer.Option(
+            callback=_rejected_rule,
+            help="For --format preference, the final-layer candidate rejected: "
+            "shortest, longest, random (seeded by the item) or model:NAME.",
+        ),
+    ] = "shortest",
     url: ApiUrl = DEFAULT_URL,
     token: ApiToken = None,
 ) -> None:
-    """Download a job's finished results (the job may still run)."""
-    partial = output.with_name(output.name + ".partial")
-    try:
-        with _api(url, token) as client, partial.open("wb") as handle:
-            for chunk in client.results(job_id, export_format):
-                handle.write(chunk)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    partial.replace(output)
-    console.print(f"{export_format.value} export of job {job_id}: {output}")
+    """Download a job's finished results (the job may still run); the metadata record goes beside them."""
+    if not output.parent.is_dir():
+        raise _fail(f"--output: no folder {output.parent} to write {output.name} in")
+    with _api(url, token) as client, client.results(job_id, export_format, rejected=rejected) as download:
+        _save(output, download.chunks, download.metadata)
+    console.print(
+        f"{export_format.value} export of job {job_id}: {output} (metadata: {metadata_path(output)})"
+    )
 
 
 @cli.command()

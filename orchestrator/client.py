@@ -7,17 +7,20 @@ client.job(job.id).progress.items
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from orchestrator.api.schemas import JobDetailPublic, JobPublic, RetryResult
-from orchestrator.exports import ExportFormat
+from orchestrator.exports import METADATA_HEADER, ExportFormat
 from orchestrator.recovery import RetryStage
 
-__all__ = ["ApiClient", "ApiError"]
+__all__ = ["ApiClient", "ApiError", "Download"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -29,6 +32,14 @@ class ApiError(RuntimeError):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+
+
+@dataclass(frozen=True)
+class Download:
+    """A streamed export: its metadata record (from the response header) and its body in chunks."""
+
+    metadata: dict[str, Any]
+    chunks: Iterator[bytes]
 
 
 class ApiClient:
@@ -62,11 +73,14 @@ class ApiClient:
             raise ApiError(response.status_code, f"{response.status_code} {detail}")
         return response
 
+    def _unreachable(self, exc: httpx.TransportError) -> ApiError:
+        return ApiError(0, f"cannot reach the API at {self.base_url}: {exc}")
+
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             return self._check(self._http.request(method, path, **kwargs))
         except httpx.TransportError as exc:
-            raise ApiError(0, f"cannot reach the API at {self.base_url}: {exc}") from exc
+            raise self._unreachable(exc) from exc
 
     def submit_file(
         self,
@@ -97,16 +111,24 @@ class ApiClient:
         body = {"stage": stage.value, "items": list(items) if items is not None else None}
         return RetryResult.model_validate(self._request("POST", f"/v1/jobs/{job_id}/retry", json=body).json())
 
-    def results(self, job_id: str, export_format: ExportFormat) -> Iterator[bytes]:
-        """The export of a job's finished items, streamed in chunks."""
-        request = self._http.build_request(
-            "GET", f"/v1/jobs/{job_id}/results", params={"format": export_format.value}
-        )
+    @contextmanager
+    def results(
+        self, job_id: str, export_format: ExportFormat, *, rejected: str | None = None
+    ) -> Iterator[Download]:
+        """The export of a job's finished items, streamed in chunks while the block runs."""
+        params = {"format": export_format.value} | ({"rejected": rejected} if rejected else {})
+        request = self._http.build_request("GET", f"/v1/jobs/{job_id}/results", params=params)
         try:
             response = self._check(self._http.send(request, stream=True))
-            try:
-                yield from response.iter_bytes()
-            finally:
-                response.close()
         except httpx.TransportError as exc:
-            raise ApiError(0, f"cannot reach the API at {self.base_url}: {exc}") from exc
+            raise self._unreachable(exc) from exc
+        try:
+            yield Download(json.loads(response.headers.get(METADATA_HEADER, "{}")), self._body(response))
+        finally:
+            response.close()
+
+    def _body(self, response: httpx.Response) -> Iterator[bytes]:
+        try:
+            yield from response.iter_bytes()
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc

@@ -82,19 +82,10 @@ def private_redis() -> Iterator[str]:
 
 @contextmanager
 def worker_process(
-    env: dict[str, str], log_path: Path, queues: list[str], concurrency: int
+    env: dict[str, str], log_path: Path, concurrency: int
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A `slimmoa worker` child with the given environment, logging to `log_path`; stopped on exit."""
-    command = [
-        sys.executable,
-        "-m",
-        "orchestrator.cli",
-        "worker",
-        "--queues",
-        ",".join(queues),
-        "--concurrency",
-        str(concurrency),
-    ]
+    """A `slimmoa worker` child for every role, with the given environment, logging to `log_path`."""
+    command = [sys.executable, "-m", "orchestrator.cli", "worker", "--concurrency", str(concurrency)]
     with log_path.open("ab") as log:
         process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -58,8 +58,7 @@ def _services(log_path: Path) -> Iterator[str]:
         get_settings.cache_clear()
         configure(celery_app, get_settings())
         env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
-        queues = [settings.queue_control, settings.queue_inference]
-        with worker_process(env, log_path, queues, settings.inference_concurrency):
+        with worker_process(env, log_path, settings.inference_concurrency):
             yield database_url
 
 

@@ -1,9 +1,10 @@
 """The memory plan of a recipe on one device: which models stay resident, which take turns.
 
 Every model's `memory_gb` (weights + KV cache) must fit the budget when it runs. The aggregator runs
-last for every item, so it is kept resident first: otherwise each finished pool would force a swap.
-Proposers are added to the resident set in order of use while the models left outside still fit,
-one at a time, in the room that remains (the swap slot). A model outside the set is loaded (or woken)
+last for every item, so it is kept resident first if it fits beside the largest model that swaps:
+then finished pools are aggregated while proposals go on. Proposers are added to the resident set in
+order of use while the models left outside still fit, one at a time, in the room that remains (the
+swap slot). A model outside the set is loaded (or woken)
 once per layer that uses it, so a job costs about one load per swapped model per layer, not one per item.
 """
 
@@ -29,6 +30,8 @@ class MemoryPlan(BaseModel):
     budget_gb: float
     fits: bool
     problems: list[str]
+    # The plan works, at a cost worth knowing (e.g. the aggregator swaps, so no item streams out early).
+    warnings: list[str] = []
     models: list[ModelPlan]
     resident_gb: float
     swap_slot_gb: float
@@ -74,8 +77,10 @@ def plan_memory(recipe: Recipe, budget_gb: float) -> MemoryPlan:
             problems.append(f"{name} needs {memory[name]:g} GB alone, more than the {budget_gb:g} GB budget")
 
     aggregator = recipe.aggregator.model
-    resident = [aggregator]
-    for name in order:
+    resident: list[str] = []
+    # The aggregator first, then proposers in order of use: each stays resident if the models left
+    # outside can still take turns, one at a time, in the room that remains.
+    for name in [aggregator, *order]:
         if name in resident:
             continue
         outside = [m for m in order if m not in resident and m != name]
@@ -85,12 +90,13 @@ def plan_memory(recipe: Recipe, budget_gb: float) -> MemoryPlan:
     outside = [m for m in order if m not in resident]
     resident_gb = sum(memory[m] for m in resident)
     slot_gb = max((memory[m] for m in outside), default=0.0)
-    if not problems and resident_gb + slot_gb > budget_gb:
-        largest = max(outside, key=lambda m: memory[m])
-        together = memory[largest] + memory[aggregator]
-        problems.append(
-            f"{largest} ({memory[largest]:g} GB) and the aggregator {aggregator} ({memory[aggregator]:g} GB) "
-            f"need {together:g} GB together, more than the {budget_gb:g} GB budget"
+    warnings = []
+    if not problems and aggregator not in resident:
+        largest = max((m for m in outside if m != aggregator), key=lambda m: memory[m], default=None)
+        beside = f" beside {largest} ({memory[largest]:g} GB)" if largest else ""
+        warnings.append(
+            f"the aggregator {aggregator} ({memory[aggregator]:g} GB) does not fit{beside}: it takes "
+            "turns too, so items finish only after the proposers' backlog is drained"
         )
 
     loads: list[tuple[str, list[str]]] = []
@@ -119,6 +125,7 @@ def plan_memory(recipe: Recipe, budget_gb: float) -> MemoryPlan:
         budget_gb=budget_gb,
         fits=not problems,
         problems=problems,
+        warnings=warnings,
         models=plans,
         resident_gb=resident_gb,
         swap_slot_gb=slot_gb,

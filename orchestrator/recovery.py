@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from db import queries
 from db.models import JobStatus, utcnow
 from db.session import session_scope
-from orchestrator.canvas import item_canvas
+from orchestrator.canvas import aggregator_signature, item_canvas
 from orchestrator.celery_app import TASK_AGGREGATOR, TASK_LAYER_DONE, TASK_PROPOSER, TASK_RECOVER, app
 from orchestrator.recipes import Recipe
 from orchestrator.settings import get_settings
@@ -91,7 +91,7 @@ def retry_job(
     for item_id in canvas:
         item_canvas(item_id, recipe).apply_async()
     for item_id in aggregator:
-        app.send_task(TASK_AGGREGATOR, args=(item_id,))
+        aggregator_signature(item_id, recipe).apply_async()
     return RetryResult(
         job_id=job_id, items_reopened=reopened, proposer_items=canvas, aggregator_items=aggregator
     )
@@ -206,7 +206,7 @@ def sweep(database_url: str, *, grace_s: float | None = None) -> SweepResult:
             app.send_task(TASK_LAYER_DONE, args=(item_id, layer))
             result.layer_checks += 1
         else:
-            app.send_task(TASK_AGGREGATOR, args=(item_id,))
+            aggregator_signature(item_id, recipe).apply_async()
             result.aggregators += 1
         sent.append(item_id)
     with session_scope(database_url) as session:

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     engine_request_timeout_s: float = 600.0
     # Threads of the inference worker: the number of generations in flight that the engines can batch.
     inference_concurrency: int = 16
+    # Memory an inference worker may fill with resident models, GB (device memory on a GPU, RAM on a
+    # CPU); empty: no budget, every model stays loaded. `slimmoa worker --memory-gb` sets it.
+    worker_memory_gb: float | None = Field(default=None, gt=0)
+    # How often an inference worker looks at its models' queues to choose which ones to consume.
+    affinity_interval_s: float = Field(default=0.5, gt=0)
     # Port of a worker's Prometheus /metrics (0: not served).
     worker_metrics_port: int = 0
     worker_metrics_host: str = "127.0.0.1"

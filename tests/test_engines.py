@@ -113,7 +113,7 @@ def test_openai_engine_needs_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
         asyncio.run(OpenAIEngine("remote", spec).start())
 
 
-def test_a_dead_engine_is_replaced_on_the_next_request(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_dead_engine_is_replaced_on_the_next_request() -> None:
     from workers import engine_host
 
     started: list[Engine] = []
@@ -136,15 +136,14 @@ def test_a_dead_engine_is_replaced_on_the_next_request(monkeypatch: pytest.Monke
             return not self.dead
 
     spec = SyntheticModel(engine="synthetic")
-    monkeypatch.setattr(engine_host, "create_engine", lambda name, spec, settings: CrashOnce(name, spec))
-    host = engine_host.EngineHost(Settings())
+    host = engine_host.EngineHost(Settings(), factory=lambda name, spec, settings: CrashOnce(name, spec))
     try:
-        first = host.engine("m", spec)
-        with pytest.raises(EngineUnavailable, match="died"):
+        with host.lease("m", spec) as first, pytest.raises(EngineUnavailable, match="died"):
             host.generate(first, request())
-        second = host.engine("m", spec)
-        assert second is not first and len(started) == 2
-        assert host.generate(second, request()).text.startswith("m:")
-        assert host.engine("m", spec) is second, "a live engine is kept"
+        with host.lease("m", spec) as second:
+            assert second is not first and len(started) == 2
+            assert host.generate(second, request()).text.startswith("m:")
+        with host.lease("m", spec) as third:
+            assert third is second, "a live engine is kept"
     finally:
         host.shutdown()

@@ -67,10 +67,20 @@ def plan_cli(gpu_memory_gb: int) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_on_a_smaller_device_the_aggregator_takes_turns_too() -> None:
+    plan = plan_memory(load_recipe("slimmoa-a100", RECIPES), 60)
+    assert plan.fits and not any(m.resident for m in plan.models)
+    assert (plan.resident_gb, plan.swap_slot_gb, plan.total_loads) == (0, 44, 4)
+    assert plan.warnings == [
+        "the aggregator gemma-2-9b-it-simpo (22 GB) does not fit beside llama-3.1-70b (44 GB): it takes "
+        "turns too, so items finish only after the proposers' backlog is drained"
+    ]
+
+
 def test_plan_explains_why_a_recipe_does_not_fit() -> None:
-    result = plan_cli(60)
+    result = plan_cli(40)
     assert result.returncode == 1
-    assert "need 66 GB together, more than the 60 GB budget" in result.stderr
+    assert "llama-3.1-70b needs 44 GB alone, more than the 40 GB budget" in result.stderr
     missing = plan_memory(load_recipe("synthetic", RECIPES), 80)
     assert not missing.fits and "models.synth-a.memory_gb: needed to plan memory" in missing.problems
 

@@ -112,5 +112,13 @@ def test_a_synthetic_run_writes_outputs_and_pools(tmp_path: Path) -> None:
     pools = [json.loads(line) for line in (tmp_path / "out.pools.jsonl").read_text().splitlines()]
     assert [len(p["candidates"]) for p in pools] == [3, 3, 3, 3]
     assert [p["output"] for p in pools] == [o["output"] for o in outputs]
+    for name, fmt in (("out.jsonl", "jsonl"), ("out.pools.jsonl", "pools")):
+        metadata = json.loads((tmp_path / f"{name}.metadata.json").read_text())
+        assert (metadata["recipe"], metadata["format"], metadata["aggregator"]) == (
+            "synthetic",
+            fmt,
+            "synth-agg",
+        )
+        assert [m["name"] for m in metadata["models"]] == ["synth-a", "synth-b", "synth-c", "synth-agg"]
     assert "4 items, 12 candidates, 4 outputs stored in sqlite:///" in result.stdout.replace("\n", "")
     assert (tmp_path / "slimmoa.db").is_file()

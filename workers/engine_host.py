@@ -1,9 +1,15 @@
-"""The engines of one worker process: one asyncio loop thread, one engine per model, kept for life.
+"""The engines of one worker process: one asyncio loop thread, and a resident set within a memory budget.
 
 Celery runs stage tasks in a threads pool (a prefork child cannot host vLLM: it cannot spawn the
-engine process, and CUDA cannot be re-initialised after fork). Each task thread hands its request to
-the loop with `run_coroutine_threadsafe`; requests from all threads meet in the same engine, which
-batches them.
+engine process, and CUDA cannot be re-initialised after fork). Each task thread leases its model's
+engine and hands the request to the loop with `run_coroutine_threadsafe`; requests from all threads
+meet in the same engine, which batches them.
+
+Residency: every engine counts its memory (the recipe's `memory_gb`, corrected by what the engine
+reports once started) against the worker's budget. A model that does not fit evicts the least
+recently used idle engines: put to sleep where the engine supports it (vLLM on GPU: weights to host
+memory, woken in about a second), closed otherwise. An out-of-memory error at load lowers the budget
+to what was resident and tries again with fewer models, instead of failing the same way forever.
 """
 
 from __future__ import annotations
@@ -13,29 +19,87 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 from orchestrator.recipes import OpenAIModel, SyntheticModel, VllmModel
 from orchestrator.settings import Settings
-from workers.engines import ChatRequest, Engine, EngineUnavailable, Generation, create_engine
-from workers.metrics import ENGINE_IN_FLIGHT, ENGINE_LOAD_SECONDS, ENGINE_LOADS, OFFERED_BATCH
+from workers.engines import (
+    ChatRequest,
+    Engine,
+    EngineOutOfMemory,
+    EngineUnavailable,
+    Generation,
+    ModelTooLarge,
+    create_engine,
+)
+from workers.metrics import (
+    ENGINE_EVICTIONS,
+    ENGINE_IN_FLIGHT,
+    ENGINE_LOAD_SECONDS,
+    ENGINE_LOADS,
+    ENGINE_UNLOAD_SECONDS,
+    OFFERED_BATCH,
+    RESIDENT_GB,
+)
 
-__all__ = ["EngineHost"]
+__all__ = ["EngineHost", "LoadEvent"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Spec = VllmModel | OpenAIModel | SyntheticModel
+EngineKey = tuple[str, Spec]
+
+
+@dataclass(frozen=True)
+class LoadEvent:
+    """One model made ready on this worker: a cold load or a wake, and what it evicted to fit."""
+
+    model: str
+    kind: Literal["load", "wake"]
+    seconds: float
+    evicted: list[str]
+    unload_seconds: float
+    job_id: str | None
+
+
+@dataclass
+class _Resident:
+    engine: Engine
+    memory_gb: float
+    # The model's `max_in_flight`: requests beyond it wait here, not in the engine.
+    slots: threading.BoundedSemaphore | None
+    asleep: bool = False
+    # Task threads holding the engine (between lease and release): it is not evicted while held.
+    leases: int = 0
+    last_used: float = field(default_factory=time.monotonic)
 
 
 class EngineHost:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        budget_gb: float | None = None,
+        on_load: Callable[[LoadEvent], None] | None = None,
+        factory: Callable[[str, Spec, Settings], Engine] = create_engine,
+    ) -> None:
         self.settings = settings
+        # None: no budget, every model stays resident once loaded.
+        self.budget_gb = budget_gb
+        self._on_load = on_load
+        self._factory = factory
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="engine-loop", daemon=True)
         self._thread.start()
-        self._engines: dict[tuple[str, VllmModel | OpenAIModel | SyntheticModel], Engine] = {}
-        self._lock = threading.Lock()
-        # Separate from the loading lock: counting must not wait for a model to load.
+        self._engines: dict[EngineKey, _Resident] = {}
+        # Guards the table above and lease counts; waited on for an engine to become idle.
+        self._state = threading.Condition()
+        # One load or wake at a time: two models loading at once could both count on the same room.
+        self._load_lock = threading.Lock()
+        # Separate from the others: counting must not wait for a model to load.
         self._count_lock = threading.Lock()
         self._in_flight: dict[str, int] = {}
 
@@ -47,25 +111,167 @@ class EngineHost:
             future.cancel()
             raise EngineUnavailable(f"no answer within {timeout:.0f} s") from exc
 
-    def engine(self, name: str, spec: VllmModel | OpenAIModel | SyntheticModel) -> Engine:
-        """The started engine for a recipe model; the first caller loads it, the others wait."""
+    # Residency
+
+    def used_gb(self) -> float:
+        with self._state:
+            return self._used_gb()
+
+    def _used_gb(self) -> float:
+        return sum(r.memory_gb for r in self._engines.values() if not r.asleep)
+
+    def resident_models(self) -> set[str]:
+        """Names of the models that are loaded and awake."""
+        with self._state:
+            return {name for (name, _), r in self._engines.items() if not r.asleep}
+
+    def room_gb(self) -> float:
+        """Memory left in the budget without evicting anything (infinite without a budget)."""
+        with self._state:
+            return float("inf") if self.budget_gb is None else self.budget_gb - self._used_gb()
+
+    @contextmanager
+    def lease(self, name: str, spec: Spec, job_id: str | None = None) -> Iterator[Engine]:
+        """The started engine for a recipe model, held (not evictable) until the block ends.
+
+        Requests made within the block go to the engine at most `spec.max_in_flight` at a time.
+        """
         # Same spec, same engine: recipes that share a model definition share its weights.
-        # Specs are frozen (hashable), so the lookup costs no serialisation on the hot path.
         key = (name, spec)
-        engine = self._engines.get(key)
-        if engine is not None:
-            return engine
-        with self._lock:
-            engine = self._engines.get(key)
-            if engine is None:
-                log.info("starting engine %s (%s)", name, spec.engine)
-                engine = create_engine(name, spec, self.settings)
+        with self._state:
+            resident = self._engines.get(key)
+            if resident is not None and not resident.asleep:
+                resident.leases += 1
+            else:
+                resident = None
+        if resident is None:
+            resident = self._admit(key, job_id)
+        try:
+            if resident.slots is None:
+                yield resident.engine
+            else:
+                with resident.slots:
+                    yield resident.engine
+        finally:
+            with self._state:
+                resident.leases -= 1
+                resident.last_used = time.monotonic()
+                self._state.notify_all()
+
+    def _admit(self, key: EngineKey, job_id: str | None) -> _Resident:
+        """Load (or wake) a model, evicting least recently used idle engines to fit; returns it leased."""
+        name, spec = key
+        with self._load_lock:
+            with self._state:
+                resident = self._engines.get(key)
+                if resident is not None and not resident.asleep:
+                    resident.leases += 1
+                    return resident
+            need = float(spec.memory_gb or 0.0)
+            evicted: list[str] = []
+            unload_s = 0.0
+            while True:
+                names, seconds = self._make_room(name, need)
+                evicted += names
+                unload_s += seconds
                 started = time.perf_counter()
-                self._run(engine.start())
-                ENGINE_LOADS.labels(name).inc()
-                ENGINE_LOAD_SECONDS.labels(name).observe(time.perf_counter() - started)
-                self._engines[key] = engine
-            return engine
+                try:
+                    kind, resident = self._start(key, need)
+                    break
+                except EngineOutOfMemory as exc:
+                    with self._state:
+                        others = self._used_gb()
+                    if others == 0:
+                        raise
+                    # The device holds less than the budget said: what was resident becomes the
+                    # budget, so this model loads only after others made room for it (alone at worst).
+                    self.budget_gb = max(others, need)
+                    log.warning(
+                        "loading %s ran out of memory with %.1f GB resident (%s); budget lowered to %.1f GB",
+                        name,
+                        others,
+                        exc,
+                        self.budget_gb,
+                    )
+            seconds = time.perf_counter() - started
+            ENGINE_LOADS.labels(name).inc()
+            ENGINE_LOAD_SECONDS.labels(name).observe(seconds)
+            RESIDENT_GB.set(self.used_gb())
+            log.info("%s %s in %.1f s (evicted: %s)", kind, name, seconds, ", ".join(evicted) or "none")
+            if self._on_load is not None:
+                self._on_load(LoadEvent(name, kind, seconds, evicted, unload_s, job_id))
+            return resident
+
+    def _start(self, key: EngineKey, need: float) -> tuple[Literal["load", "wake"], _Resident]:
+        name, spec = key
+        with self._state:
+            sleeping = self._engines.get(key)
+        if sleeping is not None:
+            self._run(sleeping.engine.wake())
+            with self._state:
+                sleeping.asleep = False
+                sleeping.leases += 1
+            return "wake", sleeping
+        log.info("starting engine %s (%s)", name, spec.engine)
+        engine = self._factory(name, spec, self.settings)
+        try:
+            self._run(engine.start())
+        except BaseException:
+            self._run(engine.close())
+            raise
+        memory = engine.memory_gb if engine.memory_gb is not None else need
+        slots = threading.BoundedSemaphore(spec.max_in_flight) if spec.max_in_flight else None
+        resident = _Resident(engine, memory, slots, leases=1)
+        with self._state:
+            self._engines[key] = resident
+        return "load", resident
+
+    def _make_room(self, name: str, need: float) -> tuple[list[str], float]:
+        """Evict idle engines, least recently used first, until `need` GB fit; waits for busy ones."""
+        evicted: list[str] = []
+        unload_s = 0.0
+        deadline = time.monotonic() + self.settings.engine_request_timeout_s
+        while True:
+            with self._state:
+                budget = self.budget_gb
+                if budget is None or self._used_gb() + need <= budget:
+                    return evicted, unload_s
+                if need > budget:
+                    raise ModelTooLarge(
+                        f"{name} needs {need:g} GB, more than the worker's {budget:g} GB budget"
+                    )
+                idle = [(r.last_used, k) for k, r in self._engines.items() if not r.asleep and r.leases == 0]
+                if not idle:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise EngineUnavailable(f"no room for {name}: every resident engine stays busy")
+                    self._state.wait(min(remaining, 1.0))
+                    continue
+                _, key = min(idle, key=lambda entry: entry[0])
+                victim = self._engines[key]
+                # Out of the table (or asleep) before unloading: no new lease can pick it up.
+                if victim.engine.supports_sleep:
+                    victim.asleep = True
+                else:
+                    del self._engines[key]
+            started = time.perf_counter()
+            self._unload(victim)
+            seconds = time.perf_counter() - started
+            unload_s += seconds
+            evicted.append(key[0])
+            ENGINE_EVICTIONS.labels(key[0]).inc()
+            ENGINE_UNLOAD_SECONDS.labels(key[0]).observe(seconds)
+            RESIDENT_GB.set(self.used_gb())
+
+    def _unload(self, victim: _Resident) -> None:
+        if victim.asleep:
+            self._run(victim.engine.sleep())
+            log.info("put %s to sleep", victim.engine.name)
+        else:
+            self._run(victim.engine.close())
+            log.info("unloaded %s", victim.engine.name)
+
+    # Requests
 
     def generate(self, engine: Engine, request: ChatRequest) -> Generation:
         with self._count_lock:
@@ -83,21 +289,34 @@ class EngineHost:
                 self._in_flight[engine.name] -= 1
                 ENGINE_IN_FLIGHT.labels(engine.name).set(self._in_flight[engine.name])
 
+    # Health
+
+    def check_liveness(self) -> list[str]:
+        """Drop engines whose process died, so that the next request starts a fresh one; their names."""
+        with self._state:
+            dead = [r.engine for r in self._engines.values() if not r.asleep and not r.engine.alive]
+        for engine in dead:
+            self._replace(engine)
+        return [engine.name for engine in dead]
+
     def _replace(self, engine: Engine) -> None:
-        """Forget a dead engine so that the next request (the stage's retry) starts a fresh one."""
-        with self._lock:
+        """Forget a dead engine; its requests fail as unavailable and their stages retry on a new one."""
+        with self._state:
             for key, known in list(self._engines.items()):
-                if known is engine:
+                if known.engine is engine:
                     log.warning("engine %s died; it is restarted on the next request", engine.name)
                     del self._engines[key]
                     asyncio.run_coroutine_threadsafe(engine.close(), self._loop)
+            self._state.notify_all()
+        RESIDENT_GB.set(self.used_gb())
 
     def shutdown(self) -> None:
-        with self._lock:
-            for engine in self._engines.values():
-                try:
-                    self._run(engine.close(), timeout=60)
-                except Exception:  # shutting down: one engine failing to close must not keep the others
-                    log.exception("closing engine %s failed", engine.name)
+        with self._state:
+            engines = [r.engine for r in self._engines.values()]
             self._engines.clear()
+        for engine in engines:
+            try:
+                self._run(engine.close(), timeout=60)
+            except Exception:  # shutting down: one engine failing to close must not keep the others
+                log.exception("closing engine %s failed", engine.name)
         self._loop.call_soon_threadsafe(self._loop.stop)

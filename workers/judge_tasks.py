@@ -61,18 +61,19 @@ def run_judge(self: Task, judgment_id: int) -> float | None:
         instruction, model_text, reference = judgment.item.instruction, output.text, judgment.reference_output
         model_first = judgment.swapped
         spec_data = dict(evaluation.judge_spec)
+        job_id = evaluation.job_id
     name = str(spec_data.pop("name"))
     spec = _SPECS[spec_data["engine"]].model_validate(spec_data)
     attempt = self.request.retries + 1
     host = engine_host()
     try:
-        engine = host.engine(name, spec)
-        first, second = (model_text, reference) if model_first else (reference, model_text)
-        messages = judge_messages(instruction, first, second, system_supported=engine.system_supported)
-        request = ChatRequest.build(
-            f"judge_{judgment_id}_{attempt}", messages, JUDGE_SAMPLING, logprobs=JUDGE_LOGPROBS
-        )
-        generation = host.generate(engine, request)
+        with host.lease(name, spec, job_id=job_id) as engine:
+            first, second = (model_text, reference) if model_first else (reference, model_text)
+            messages = judge_messages(instruction, first, second, system_supported=engine.system_supported)
+            request = ChatRequest.build(
+                f"judge_{judgment_id}_{attempt}", messages, JUDGE_SAMPLING, logprobs=JUDGE_LOGPROBS
+            )
+            generation = host.generate(engine, request)
         preference = verdict_preference(generation.top_logprobs or {}, model_first=model_first)
         verdict = Verdict(
             preference=preference,

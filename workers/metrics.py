@@ -7,15 +7,36 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["ENGINE_IN_FLIGHT", "ENGINE_LOADS", "ENGINE_LOAD_SECONDS", "OFFERED_BATCH", "STAGES"]
+__all__ = [
+    "ENGINE_EVICTIONS",
+    "ENGINE_IN_FLIGHT",
+    "ENGINE_LOADS",
+    "ENGINE_LOAD_SECONDS",
+    "ENGINE_UNLOAD_SECONDS",
+    "OFFERED_BATCH",
+    "RESIDENT_GB",
+    "STAGES",
+]
 
-ENGINE_LOADS = Counter("slimmoa_engine_loads", "Engines started (model loads) in this worker.", ["model"])
+ENGINE_LOADS = Counter(
+    "slimmoa_engine_loads", "Models made ready in this worker (cold loads and wakes).", ["model"]
+)
 ENGINE_LOAD_SECONDS = Histogram(
     "slimmoa_engine_load_seconds",
     "Seconds from engine start to ready.",
     ["model"],
     buckets=(0.01, 0.1, 1, 5, 10, 20, 30, 60, 120, 300),
 )
+ENGINE_EVICTIONS = Counter(
+    "slimmoa_engine_evictions", "Models unloaded or put to sleep to make room for another.", ["model"]
+)
+ENGINE_UNLOAD_SECONDS = Histogram(
+    "slimmoa_engine_unload_seconds",
+    "Seconds to unload (or put to sleep) an evicted model.",
+    ["model"],
+    buckets=(0.01, 0.1, 1, 5, 10, 30, 60),
+)
+RESIDENT_GB = Gauge("slimmoa_resident_gb", "Memory of the models resident in this worker, GB (estimated).")
 ENGINE_IN_FLIGHT = Gauge("slimmoa_engine_in_flight", "Generations in flight per model.", ["model"])
 # Sampled when a request is submitted: the batch the engine can form from this worker's requests.
 OFFERED_BATCH = Histogram(

@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import threading
+from dataclasses import asdict
 from typing import Any
 
 from celery import Task
 from celery.signals import worker_shutdown
 
-from db import stages
+from db import residency, stages
 from db.models import ItemStatus
 from db.queries import GenerationRecord
-from db.session import statement_scope
+from db.session import session_scope, statement_scope
 from orchestrator.celery_app import DATABASE_RETRY, TASK_AGGREGATOR, TASK_PROPOSER, app
 from orchestrator.jobs import job_recipe
 from orchestrator.prompts import PromptTooLong, build_stage_prompt
 from orchestrator.recipes import Recipe, SamplingSpec
 from orchestrator.settings import get_settings
-from workers.engine_host import EngineHost
+from workers.engine_host import EngineHost, LoadEvent
 from workers.engines import ChatRequest, EngineError, EngineUnavailable, Generation
 from workers.metrics import STAGES
 
@@ -41,8 +43,16 @@ def engine_host() -> EngineHost:
     global _host
     with _host_lock:
         if _host is None:
-            _host = EngineHost(get_settings())
+            settings = get_settings()
+            _host = EngineHost(settings, budget_gb=settings.worker_memory_gb, on_load=_record_load)
         return _host
+
+
+def _record_load(event: LoadEvent) -> None:
+    """Loads and swaps are job statistics: a job whose models do not fit pays for them."""
+    with session_scope(get_settings().database_url) as session:
+        record = residency.EngineLoadRecord(**asdict(event), worker=socket.gethostname())
+        residency.record_engine_load(session, record)
 
 
 @worker_shutdown.connect
@@ -72,18 +82,19 @@ def _generate(
 ) -> tuple[Generation, dict[str, Any] | None]:
     """Build the prompt for `model`, generate, and return the text with any truncation record."""
     host = engine_host()
-    engine = host.engine(model, recipe.model(model))
-    prompt = build_stage_prompt(
-        stage.instruction,
-        system=stage.system,
-        references=stage.references,
-        system_supported=engine.system_supported,
-        context_length=recipe.model(model).context_length,
-        max_tokens=sampling.max_tokens,
-        tokenizer=engine.tokenizer,
-        layer=layer,
-    )
-    generation = host.generate(engine, ChatRequest.build(request_id, prompt.messages, sampling))
+    spec = recipe.model(model)
+    with host.lease(model, spec, job_id=stage.job_id) as engine:
+        prompt = build_stage_prompt(
+            stage.instruction,
+            system=stage.system,
+            references=stage.references,
+            system_supported=engine.system_supported,
+            context_length=spec.context_length,
+            max_tokens=sampling.max_tokens,
+            tokenizer=engine.tokenizer,
+            layer=layer,
+        )
+        generation = host.generate(engine, ChatRequest.build(request_id, prompt.messages, sampling))
     truncation = prompt.truncation.model_dump() if prompt.truncation else None
     return generation, truncation
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from itertools import islice
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from db import queries
+from db import queries, residency
 from db.models import ItemStatus, JobStatus
 from db.session import session_scope
 from orchestrator.api.deps import JobDep, PageDep, SessionDep, SettingsDep
@@ -18,6 +17,7 @@ from orchestrator.api.intake import read_submission
 from orchestrator.api.problems import ProblemError
 from orchestrator.api.schemas import (
     MAX_ID,
+    EngineLoadsPublic,
     ItemDetailPublic,
     ItemPublic,
     ItemsPublic,
@@ -29,7 +29,14 @@ from orchestrator.api.schemas import (
     RetryCreate,
     RetryResult,
 )
-from orchestrator.exports import ExportFormat, export_lines
+from orchestrator.exports import (
+    MEDIA_TYPES,
+    METADATA_HEADER,
+    ExportError,
+    ExportFormat,
+    Rejected,
+    open_export,
+)
 from orchestrator.jobs import submit_job
 from orchestrator.recovery import JobNotFound, NotRetryable, retry_job
 
@@ -49,8 +56,15 @@ _SUBMIT_BODY: dict[str, Any] = {
 # Route-specific errors; 401, 422 (and 400, 413 where a body is read) are added to every /v1 route.
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem}}
 _CONFLICT: dict[int | str, dict[str, Any]] = {**_NOT_FOUND, 409: {"model": Problem}}
-# Lines per chunk of a streamed export: one thread hop per chunk instead of per line.
-CHUNK_LINES = 200
+_EXPORT: dict[str, Any] = {
+    "content": {media_type: {} for media_type in MEDIA_TYPES},
+    "headers": {
+        METADATA_HEADER: {
+            "description": "The export's metadata record (JSON): job, recipe, models, preference rule.",
+            "schema": {"type": "string"},
+        }
+    },
+}
 
 
 @router.post(
@@ -95,7 +109,8 @@ def list_jobs(session: SessionDep, page: PageDep, status: JobStatus | None = Non
 def read_job(job: JobDep, session: SessionDep) -> JobDetailPublic:
     """The job with its progress: counts per stage and status, tokens, rate and ETA."""
     progress = ProgressPublic.of(job, queries.job_counts(session, job.id))
-    return JobDetailPublic(**JobPublic.model_validate(job).model_dump(), progress=progress)
+    loads = EngineLoadsPublic(**asdict(residency.load_stats(session, job.id)))
+    return JobDetailPublic(**JobPublic.model_validate(job).model_dump(), progress=progress, engine=loads)
 
 
 @router.get("/{job_id}/items", response_model=ItemsPublic, responses=_NOT_FOUND)
@@ -117,32 +132,36 @@ def read_item(
     return ItemDetailPublic.of(item, item.output)
 
 
-def _chunks(lines: Iterator[str]) -> Iterator[str]:
-    while chunk := "".join(islice(lines, CHUNK_LINES)):
-        yield chunk
-
-
 @router.get(
     "/{job_id}/results",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/x-ndjson": {}, "application/json": {}}}, **_NOT_FOUND},
+    responses={200: _EXPORT, **_NOT_FOUND},
 )
 def read_results(
     job: JobDep,
     session: SessionDep,
     settings: SettingsDep,
     format: Annotated[ExportFormat, Query()] = ExportFormat.JSONL,
+    rejected: Annotated[
+        str,
+        Query(
+            max_length=300,
+            description="preference only: which final-layer candidate is rejected: "
+            "shortest, longest, random (seeded by the item) or model:NAME.",
+        ),
+    ] = "shortest",
 ) -> StreamingResponse:
-    """Stream the finished items (the job may still run): AlpacaEval JSON, JSONL, or JSONL with pools."""
+    """Stream the finished items (the job may still run) in one of the export formats."""
+    try:
+        export = open_export(settings.database_url, job, format, Rejected.parse(rejected))
+    except ExportError as exc:
+        raise ProblemError(422, str(exc), [str(exc)]) from None
     session.close()  # the export reads in pages of its own; hold no connection while the client reads
-    lines = export_lines(settings.database_url, job.id, format, f"slimmoa-{job.recipe_name}")
-    alpaca = format == ExportFormat.ALPACA_EVAL
-    filename = f"{job.id}.{'json' if alpaca else 'jsonl'}"
-    return StreamingResponse(
-        _chunks(lines),
-        media_type="application/json" if alpaca else "application/x-ndjson",
-        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
-    )
+    headers = {
+        "Content-Disposition": f'attachment; filename="{export.filename}"',
+        METADATA_HEADER: export.metadata.header(),
+    }
+    return StreamingResponse(export.chunks, media_type=export.media_type, headers=headers)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=_CONFLICT)

@@ -15,6 +15,7 @@ from orchestrator.schemas import InputRecord
 
 __all__ = [
     "CandidatePublic",
+    "EngineLoadsPublic",
     "HealthPublic",
     "ItemDetailPublic",
     "ItemPublic",
@@ -171,8 +172,19 @@ class ProgressPublic(BaseModel):
         )
 
 
+class EngineLoadsPublic(BaseModel):
+    """Model loads this job caused on inference workers; swaps are loads that evicted another model."""
+
+    loads: int
+    load_seconds: float
+    swaps: int
+    unload_seconds: float
+    per_model: dict[str, int] = Field(description="Loads (or wakes) per model.")
+
+
 class JobDetailPublic(JobPublic):
     progress: ProgressPublic
+    engine: EngineLoadsPublic
 
 
 class ItemPublic(BaseModel):

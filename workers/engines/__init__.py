@@ -9,15 +9,23 @@ from orchestrator.prompts import Tokenizer
 from orchestrator.recipes import OpenAIModel, SyntheticModel, VllmModel
 from orchestrator.settings import FaultSpec, Settings
 from workers.engines.base import ChatRequest, Engine, Generation
-from workers.engines.errors import EngineError, EngineUnavailable, RequestRejected
+from workers.engines.errors import (
+    EngineError,
+    EngineOutOfMemory,
+    EngineUnavailable,
+    ModelTooLarge,
+    RequestRejected,
+)
 
 __all__ = [
     "ChatRequest",
     "Engine",
     "EngineError",
+    "EngineOutOfMemory",
     "EngineUnavailable",
     "FaultyEngine",
     "Generation",
+    "ModelTooLarge",
     "RequestRejected",
     "create_engine",
 ]
@@ -45,6 +53,20 @@ class FaultyEngine(Engine):
     @property
     def alive(self) -> bool:
         return self.inner.alive
+
+    @property
+    def memory_gb(self) -> float | None:
+        return self.inner.memory_gb
+
+    @property
+    def supports_sleep(self) -> bool:
+        return self.inner.supports_sleep
+
+    async def sleep(self) -> None:
+        await self.inner.sleep()
+
+    async def wake(self) -> None:
+        await self.inner.wake()
 
     async def generate(self, request: ChatRequest) -> Generation:
         if self.faults.hang_seconds and random.random() < self.faults.hang_rate:

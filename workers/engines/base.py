@@ -89,3 +89,21 @@ class Engine(ABC):
     def alive(self) -> bool:
         """False once the engine cannot serve again (its process died): the host then replaces it."""
         return True
+
+    @property
+    def memory_gb(self) -> float | None:
+        """Device memory the started engine holds, as it reports it (None: the recipe's estimate stands)."""
+        return None
+
+    @property
+    def supports_sleep(self) -> bool:
+        """Whether `sleep` frees the device memory while keeping the weights ready for a fast `wake`."""
+        return False
+
+    async def sleep(self) -> None:
+        """Free the device memory (vLLM sleep mode level 1: weights to host memory, KV cache dropped)."""
+        raise NotImplementedError(f"engine {self.name} has no sleep mode")
+
+    async def wake(self) -> None:
+        """Take the device memory back after `sleep`."""
+        raise NotImplementedError(f"engine {self.name} has no sleep mode")

@@ -13,7 +13,7 @@ from typing import Any
 from orchestrator.prompts import supports_system_role
 from orchestrator.recipes import VllmModel
 from workers.engines.base import ChatRequest, Engine, Generation
-from workers.engines.errors import EngineUnavailable, RequestRejected
+from workers.engines.errors import EngineOutOfMemory, EngineUnavailable, RequestRejected
 from workers.model_store import resolve_weights
 
 __all__ = ["HFTokenizer", "VllmEngine"]
@@ -22,6 +22,8 @@ __all__ = ["HFTokenizer", "VllmEngine"]
 # explicitly also stops vLLM CPU from reserving 92 % of the NUMA node's memory at start, which fails
 # as soon as anything else (a second engine) uses that memory.
 DEFAULT_CPU_KV_CACHE_GB = 1.0
+# How vLLM and torch word a load that did not fit (torch.OutOfMemoryError is a RuntimeError).
+OUT_OF_MEMORY_SIGNS = ("out of memory", "No available memory for the cache blocks", "Insufficient memory")
 
 
 def _cpu_has_bf16() -> bool:
@@ -42,6 +44,28 @@ def cpu_kv_cache_gb(spec: VllmModel) -> float:
     if spec.memory_gb is not None and spec.weights_gb is not None and spec.memory_gb > spec.weights_gb:
         return spec.memory_gb - spec.weights_gb
     return DEFAULT_CPU_KV_CACHE_GB
+
+
+def request_seed(seed: int | None, *, on_cpu: bool) -> int | None:
+    """vLLM CPU kills its engine ("CPU Generator does not use offset") when a seeded request's prefill
+    is split across steps, which happens whenever many prompts arrive together. There, requests sample
+    unseeded: candidates still differ, runs are not reproducible."""
+    return None if on_cpu else seed
+
+
+def _device_free_bytes(on_cpu: bool) -> int | None:
+    """Free memory of the current GPU; None on a CPU."""
+    if on_cpu:
+        return None
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    return int(free)
+
+
+def _folder_gb(folder: Path) -> float:
+    """Size of the weight files the engine loads (on a CPU, they are what it holds beside the KV cache)."""
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**30
 
 
 class HFTokenizer:
@@ -65,6 +89,7 @@ class VllmEngine(Engine):
         self._hf: Any = None
         self._system_supported = True
         self._on_cpu = False
+        self._memory_gb: float | None = None
 
     async def start(self) -> None:
         from transformers import AutoTokenizer
@@ -87,14 +112,44 @@ class VllmEngine(Engine):
             args["quantization"] = self.spec.quantization
         if on_cpu:
             args["kv_cache_memory_bytes"] = int(cpu_kv_cache_gb(self.spec) * 2**30)
-        elif self.spec.gpu_memory_utilization:
-            args["gpu_memory_utilization"] = self.spec.gpu_memory_utilization
+        else:
+            # Sleep mode lets the host evict this model in about a second and wake it as fast
+            # (vLLM CPU rejects the option: there, eviction is a full unload).
+            args["enable_sleep_mode"] = True
+            if self.spec.gpu_memory_utilization:
+                args["gpu_memory_utilization"] = self.spec.gpu_memory_utilization
+        free_before = _device_free_bytes(on_cpu)
         self._hf = AutoTokenizer.from_pretrained(weights)
         if self.spec.system_role == "auto":
             self._system_supported = supports_system_role(self._hf.chat_template or "")
         else:
             self._system_supported = self.spec.system_role == "supported"
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        try:
+            self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        except (MemoryError, RuntimeError, ValueError) as exc:
+            if isinstance(exc, MemoryError) or any(sign in str(exc) for sign in OUT_OF_MEMORY_SIGNS):
+                raise EngineOutOfMemory(f"{self.name}: {exc}") from exc
+            raise
+        if on_cpu:
+            self._memory_gb = _folder_gb(Path(weights)) + cpu_kv_cache_gb(self.spec)
+        elif free_before is not None:
+            free_after = _device_free_bytes(on_cpu)
+            if free_after is not None:
+                self._memory_gb = (free_before - free_after) / 2**30
+
+    @property
+    def memory_gb(self) -> float | None:
+        return self._memory_gb
+
+    @property
+    def supports_sleep(self) -> bool:
+        return self._llm is not None and not self._on_cpu
+
+    async def sleep(self) -> None:
+        await self._llm.sleep(level=1)
+
+    async def wake(self) -> None:
+        await self._llm.wake_up()
 
     @property
     def tokenizer(self) -> HFTokenizer:
@@ -121,10 +176,7 @@ class VllmEngine(Engine):
             temperature=request.temperature,
             top_p=request.top_p,
             max_tokens=request.max_tokens,
-            # vLLM CPU kills its engine ("CPU Generator does not use offset") when a seeded request's
-            # prefill is split across steps, which happens whenever many prompts arrive together.
-            # There, requests sample unseeded: candidates still differ, runs are not reproducible.
-            seed=None if self._on_cpu else request.seed,
+            seed=request_seed(request.seed, on_cpu=self._on_cpu),
             logprobs=request.logprobs,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )

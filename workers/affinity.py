@@ -1,0 +1,194 @@
+"""Model affinity: which model queues an inference worker consumes, so that it swaps models rarely.
+
+Stage tasks wait in per-model queues (`orchestrator.routing`). A scheduler thread in the worker looks
+at those queues a few times a second and consumes:
+  - the queues of every model resident in the engine host, and of any model that fits beside them;
+  - when none of those has work left (queued or held by this worker) but another model's queues do,
+    that model's queues alone: its first task evicts the least recently used engines and loads it,
+    after which the models still resident are consumed again.
+So a model is swapped in once its predecessors' backlog is drained, not once per item, and a job over
+more models than fit costs about one load per model per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import redis
+from celery import bootsteps
+from celery.worker import state as worker_state
+
+from db.residency import active_jobs
+from db.session import session_scope
+from orchestrator.recipes import Recipe
+from orchestrator.routing import ModelQueues, model_queues
+from orchestrator.settings import Settings
+
+__all__ = ["AffinityScheduler", "AffinityStep", "QueueSwitch"]
+
+log = logging.getLogger(__name__)
+
+
+class QueueSwitch(Protocol):
+    """Starts and stops consuming a queue (the worker's consumer, or a test double)."""
+
+    def add(self, queue: str) -> None: ...
+
+    def cancel(self, queue: str) -> None: ...
+
+
+class Host(Protocol):
+    def resident_models(self) -> set[str]: ...
+
+    def room_gb(self) -> float: ...
+
+    def check_liveness(self) -> list[str]: ...
+
+
+def held_per_queue() -> Counter[str]:
+    """Tasks this worker holds (reserved or running) per queue they came from."""
+    held: Counter[str] = Counter()
+    for request in list(worker_state.reserved_requests):
+        queue = (request.delivery_info or {}).get("routing_key")
+        if queue:
+            held[queue] += 1
+    return held
+
+
+class AffinityScheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        host: Host,
+        switch: QueueSwitch,
+        *,
+        held: Callable[[], Counter[str]] = held_per_queue,
+    ) -> None:
+        self.settings = settings
+        self.host = host
+        self.switch = switch
+        self.held = held
+        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.consuming: set[str] = set()
+        # A model chosen to be swapped in: only its queues are consumed until it is resident.
+        self.target: str | None = None
+        self._recipes: dict[str, Recipe] = {}
+
+    def models(self) -> dict[str, ModelQueues]:
+        """The models of the jobs that may still have stages to run, with their queues."""
+        with session_scope(self.settings.database_url) as session:
+            jobs = active_jobs(session)
+        # Parsed once per job, forgotten when the job ends.
+        self._recipes = {
+            job_id: self._recipes.get(job_id) or Recipe.model_validate(data) for job_id, data in jobs
+        }
+        return model_queues(list(self._recipes.values()))
+
+    def backlog(self, models: dict[str, ModelQueues]) -> tuple[dict[str, int], dict[str, int]]:
+        """Per model: tasks waiting or held here (all stages), and aggregations among them."""
+        queues = [q for m in models.values() for q in m.queues]
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.llen(queue)
+        lengths = dict(zip(queues, pipe.execute(), strict=True))
+        held = self.held()
+        work = {name: sum(lengths[q] + held[q] for q in m.queues) for name, m in models.items()}
+        finishing = {name: lengths[m.aggregations] + held[m.aggregations] for name, m in models.items()}
+        return work, finishing
+
+    def tick(self) -> None:
+        """Look at the queues once and change what is consumed; called a few times a second."""
+        self.host.check_liveness()
+        models = self.models()
+        work, finishing = self.backlog(models)
+        resident = self.host.resident_models()
+        if self.target is not None and (self.target in resident or not work.get(self.target)):
+            self.target = None
+        if self.target is None:
+            chosen = self._alongside(models, resident, work)
+            if not any(work.get(name) for name in chosen):
+                waiting = [name for name in models if work[name] and name not in chosen]
+                if waiting:
+                    # Items waiting only for their aggregation finish first; then the largest backlog.
+                    self.target = max(waiting, key=lambda name: (finishing[name] > 0, work[name]))
+                    log.info("swapping in %s (%s tasks waiting)", self.target, work[self.target])
+        if self.target is not None:
+            chosen = {self.target}
+        wanted = {q for name in chosen if name in models for q in models[name].queues}
+        self._consume(wanted)
+
+    def _alongside(
+        self, models: dict[str, ModelQueues], resident: set[str], work: dict[str, int]
+    ) -> set[str]:
+        """Resident models, and the waiting ones that fit in the room left, largest backlog first."""
+        chosen = set(resident)
+        room = self.host.room_gb()
+        for name in sorted(models, key=lambda n: -work[n]):
+            if name in chosen or not work[name]:
+                continue
+            if models[name].memory_gb <= room:
+                chosen.add(name)
+                room -= models[name].memory_gb
+        return chosen
+
+    def _consume(self, wanted: set[str]) -> None:
+        for queue in sorted(wanted - self.consuming):
+            self.switch.add(queue)
+        for queue in sorted(self.consuming - wanted):
+            self.switch.cancel(queue)
+        self.consuming = wanted
+
+    def run(self, stopped: threading.Event) -> None:
+        while not stopped.wait(self.settings.affinity_interval_s):
+            try:
+                self.tick()
+            except Exception:  # a database or broker blip: the next tick tries again
+                log.exception("affinity scheduler tick failed")
+
+
+class _ConsumerSwitch:
+    """Queue changes made on the consumer's own loop, as Celery's add_consumer control command does."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+
+    def add(self, queue: str) -> None:
+        self.consumer.call_soon(self.consumer.add_task_queue, queue)
+
+    def cancel(self, queue: str) -> None:
+        self.consumer.call_soon(self.consumer.cancel_task_queue, queue)
+
+
+class AffinityStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Runs the scheduler beside the worker's consumer (added by `slimmoa worker` for inference roles)."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, parent: Any) -> None:
+        from orchestrator.settings import get_settings
+        from workers.tasks import engine_host
+
+        settings = get_settings()
+        self._stopped.clear()
+        scheduler = AffinityScheduler(settings, engine_host(), _ConsumerSwitch(parent))
+        # A consumer restarted after a broker outage keeps consuming the model queues it had.
+        prefix = f"{settings.queue_inference}."
+        scheduler.consuming = {q for q in parent.app.amqp.queues.consume_from or {} if q.startswith(prefix)}
+        self._thread = threading.Thread(
+            target=scheduler.run, args=(self._stopped,), name="affinity", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, parent: Any) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
