@@ -1,12 +1,17 @@
 """Orchestration overhead: SlimMoA's pipeline against a bare Celery chord of the same shape.
 
-    python -m bench.orchestration [--items 2000] [--proposers 3] [--concurrency 16]
+    python -m bench.orchestration [--items 2000] [--proposers 3] [--concurrency 16] [--single-worker]
 
-In ONE run, on the same Redis and the same worker set-up (one worker process, a threads pool of
-`--concurrency`), it measures:
-  (a) bare Celery: per item a chord of N no-op proposers + 1 no-op aggregator (bench/bare_chord.py);
+In ONE run, on the same Redis and the same worker set-up (the chords' tasks run in one worker
+process with a threads pool of `--concurrency`; the chords are sent from another process), it
+measures:
+  (a) bare Celery: per item a chord of N no-op proposers + 1 no-op aggregator (bench/bare_chord.py),
+      sent by this script;
   (b) SlimMoA: the same items through dispatch -> proposer chord -> aggregator, on the synthetic engine
-      at zero latency, with every candidate and output stored in Postgres;
+      at zero latency, with every candidate and output stored in Postgres; as deployed, the job's
+      dispatch task runs in a control worker (`slimmoa worker --role control`) and the stages in one
+      inference worker (`--role inference`). With `--single-worker`, one `--role all` worker does
+      both (as `slimmoa run` does), so it also pays for sending the chords that (a)'s worker does not;
 and prints items/s for each and the ratio (b)/(a). It also reports the peak RSS of the workers, and
   (c) the submit of a `--submit-items` job (default 10,000) to the real API (`slimmoa api` in a
       subprocess): seconds for the POST /v1/jobs and the API's peak RSS meanwhile (the job is then
@@ -25,6 +30,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,19 +59,19 @@ def _peak_rss(process: psutil.Process, peak: int) -> int:
 
 
 def _wait(
-    done: Callable[[], int], total: int, process: subprocess.Popen[bytes], timeout: float
-) -> tuple[float, int]:
-    """Seconds until done() reaches total, and the worker's peak RSS meanwhile."""
-    watched = psutil.Process(process.pid)
-    started, peak = time.perf_counter(), 0
+    done: Callable[[], int], total: int, processes: list[subprocess.Popen[bytes]], timeout: float
+) -> tuple[float, list[int]]:
+    """Seconds until done() reaches total, and each worker's peak RSS meanwhile."""
+    watched = [psutil.Process(process.pid) for process in processes]
+    started, peaks = time.perf_counter(), [0] * len(processes)
     while done() < total:
-        if process.poll() is not None:
-            raise RuntimeError("the worker exited; see its log")
+        if any(process.poll() is not None for process in processes):
+            raise RuntimeError("a worker exited; see its log")
         if time.perf_counter() - started > timeout:
             raise RuntimeError(f"not finished after {timeout:.0f} s ({done()}/{total})")
-        peak = _peak_rss(watched, peak)
+        peaks = [_peak_rss(process, peak) for process, peak in zip(watched, peaks, strict=True)]
         time.sleep(0.05)
-    return time.perf_counter() - started, peak
+    return time.perf_counter() - started, peaks
 
 
 @contextmanager
@@ -123,8 +129,8 @@ def bare(items: int, proposers: int, concurrency: int, redis_url: str, log_dir: 
             time.sleep(0.2)
         started = time.perf_counter()
         bare_chord.send(items, proposers)
-        _, peak = _wait(lambda: int(client.get(bare_chord.DONE_KEY) or 0), items, worker, timeout=1800)
-        return items / (time.perf_counter() - started), peak
+        _, peaks = _wait(lambda: int(client.get(bare_chord.DONE_KEY) or 0), items, [worker], timeout=1800)
+        return items / (time.perf_counter() - started), peaks[0]
     finally:
         worker.terminate()
         worker.wait()
@@ -143,6 +149,15 @@ def _prompt(i: int) -> str:
     return f"Benchmark prompt number {i}: say something."
 
 
+@dataclass(frozen=True)
+class PipelineRun:
+    items_per_s: float
+    # Peak RSS of the worker running the stages, and of the control worker (0: the same worker).
+    stage_worker_rss: int
+    control_worker_rss: int
+    submit_s: float
+
+
 def slimmoa(
     items: int,
     proposers: int,
@@ -151,12 +166,12 @@ def slimmoa(
     redis_url: str,
     log_dir: Path,
     submit_items: int = 0,
-) -> tuple[float, int, float, tuple[float, int] | None]:
-    """(b), and (c) first when `submit_items`: items/s, worker peak RSS, submit seconds, (API
-    submit seconds, API peak RSS)."""
+    single_worker: bool = False,
+) -> tuple[PipelineRun, tuple[float, int] | None]:
+    """(b), and (c) first when `submit_items`: (API submit seconds, API peak RSS)."""
     with isolated_services(database_url, redis_url, concurrency) as env:
         submitted = api_submit(submit_items, proposers, env, log_dir) if submit_items else None
-        return (*_through_pipeline(items, proposers, env, log_dir), submitted)
+        return _through_pipeline(items, proposers, env, log_dir, single_worker), submitted
 
 
 def api_submit(items: int, proposers: int, env: dict[str, str], log_dir: Path) -> tuple[float, int]:
@@ -192,8 +207,8 @@ def api_submit(items: int, proposers: int, env: dict[str, str], log_dir: Path) -
 
 
 def _through_pipeline(
-    items: int, proposers: int, env: dict[str, str], log_dir: Path
-) -> tuple[float, int, float]:
+    items: int, proposers: int, env: dict[str, str], log_dir: Path, single_worker: bool
+) -> PipelineRun:
     from db.session import session_scope
     from orchestrator.celery_app import app
     from orchestrator.jobs import create_job, enqueue_job
@@ -203,13 +218,14 @@ def _through_pipeline(
     url = env["DATABASE_URL"]
     recipe = parse_recipe(_recipe(proposers))
     records = [InputRecord(instruction=_prompt(i)) for i in range(items)]
-    worker = _start_worker(
-        [sys.executable, "-m", "orchestrator.cli", "worker", "--loglevel", "warning"],
-        env,
-        log_dir / "slimmoa-worker.log",
-    )
+    command = [sys.executable, "-m", "orchestrator.cli", "worker", "--loglevel", "warning"]
+    roles = ["all"] if single_worker else ["inference", "control"]
+    workers = [
+        _start_worker([*command, "--role", role], env, log_dir / f"slimmoa-worker-{role}.log")
+        for role in roles
+    ]
     try:
-        while not app.control.ping(timeout=1.0):
+        while len(app.control.ping(timeout=1.0)) < len(workers):
             time.sleep(0.2)
         started = time.perf_counter()
         job_id = create_job(url, recipe, records)
@@ -223,11 +239,14 @@ def _through_pipeline(
                 job = queries.get_job(session, job_id)
                 return job.items_done if job else 0
 
-        _, peak = _wait(done, items, worker, timeout=3600)
-        return items / (time.perf_counter() - started), peak, submitted
+        _, peaks = _wait(done, items, workers, timeout=3600)
+        rate = items / (time.perf_counter() - started)
+        return PipelineRun(rate, peaks[0], peaks[1] if len(peaks) > 1 else 0, submitted)
     finally:
-        worker.terminate()
-        worker.wait()
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait()
 
 
 def main() -> None:
@@ -238,19 +257,34 @@ def main() -> None:
     parser.add_argument("--proposers", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--submit-items", type=int, default=10_000, help="(c)'s job size; 0 skips (c).")
+    parser.add_argument(
+        "--single-worker", action="store_true", help="(b) in one --role all worker: dispatch included."
+    )
     args = parser.parse_args()
     database_url = os.environ["DATABASE_URL"]
     redis_url = os.environ["REDIS_URL"]
     log_dir = Path(os.environ.get("BENCH_LOG_DIR", "/tmp"))
     bare_rate, bare_rss = bare(args.items, args.proposers, args.concurrency, redis_url, log_dir)
-    rate, rss, submit_s, api = slimmoa(
-        args.items, args.proposers, args.concurrency, database_url, redis_url, log_dir, args.submit_items
+    run, api = slimmoa(
+        args.items,
+        args.proposers,
+        args.concurrency,
+        database_url,
+        redis_url,
+        log_dir,
+        args.submit_items,
+        args.single_worker,
     )
-    print(f"items={args.items} proposers={args.proposers} worker=threads x{args.concurrency}")
+    workers = "one worker (--role all)" if args.single_worker else "control + inference workers"
+    control = "" if args.single_worker else f", control worker {run.control_worker_rss / 2**20:.0f} MiB"
+    print(f"items={args.items} proposers={args.proposers} threads x{args.concurrency}; (b) on {workers}")
     print(f"(a) bare Celery chord : {bare_rate:8.1f} items/s  worker peak RSS {bare_rss / 2**20:6.0f} MiB")
-    print(f"(b) SlimMoA pipeline  : {rate:8.1f} items/s  worker peak RSS {rss / 2**20:6.0f} MiB")
-    print(f"ratio (b)/(a)         : {rate / bare_rate:8.2f}")
-    print(f"submit of {args.items} items (one transaction): {submit_s:.2f} s")
+    print(
+        f"(b) SlimMoA pipeline  : {run.items_per_s:8.1f} items/s  worker peak RSS "
+        f"{run.stage_worker_rss / 2**20:6.0f} MiB{control}"
+    )
+    print(f"ratio (b)/(a)         : {run.items_per_s / bare_rate:8.2f}")
+    print(f"submit of {args.items} items (one transaction): {run.submit_s:.2f} s")
     if api is not None:
         api_s, api_rss = api
         print(

@@ -4,9 +4,10 @@ the stage tasks' connection for their few hot statements."""
 from __future__ import annotations
 
 import select
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import cache
 from typing import Any, NamedTuple, cast
 
@@ -54,6 +55,22 @@ def get_engine(url: str) -> Engine:
 PING_AFTER_IDLE_S = 10.0
 
 
+def _check_alive(dbapi_connection: Any, idle_since: float, dialect: Dialect) -> None:
+    """Raise DisconnectionError for a connection the server has closed, or (after a long idle
+    time) one that does not answer a ping. A connection used recently costs no round trip."""
+    # An idle connection has nothing to read unless the server said goodbye (a restart sends
+    # "terminating connection" and closes the socket).
+    poller = select.poll()
+    poller.register(dbapi_connection.fileno(), select.POLLIN)
+    if poller.poll(0):
+        raise DisconnectionError("the server closed the connection")
+    if time.monotonic() - idle_since > PING_AFTER_IDLE_S:
+        try:
+            dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # whatever the driver raises for a dead connection
+            raise DisconnectionError(f"ping failed: {exc}") from exc
+
+
 def _replace_dead_connections(engine: Engine) -> None:
     """Let processes survive a database restart: a pooled connection that the server closed, or
     that does not answer a ping after a long idle time, is replaced before anyone uses it. (A
@@ -66,19 +83,8 @@ def _replace_dead_connections(engine: Engine) -> None:
     @event.listens_for(engine, "checkout")
     def _check(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         idle_since = record.info.pop("idle_since", None)
-        if idle_since is None:  # a new connection
-            return
-        # An idle connection has nothing to read unless the server said goodbye (a restart sends
-        # "terminating connection" and closes the socket).
-        poller = select.poll()
-        poller.register(dbapi_connection.fileno(), select.POLLIN)
-        if poller.poll(0):
-            raise DisconnectionError("the server closed the connection")
-        if time.monotonic() - idle_since > PING_AFTER_IDLE_S:
-            try:
-                engine.dialect.do_ping(dbapi_connection)
-            except Exception as exc:  # whatever the driver raises for a dead connection
-                raise DisconnectionError(f"ping failed: {exc}") from exc
+        if idle_since is not None:  # not a new connection
+            _check_alive(dbapi_connection, idle_since, engine.dialect)
 
 
 @cache
@@ -125,7 +131,7 @@ def _compiled(statement: ClauseElement, dialect: Dialect) -> _Compiled:
 
 
 class StageConnection:
-    """One pooled connection for a stage task's statements, each of them atomic by itself.
+    """A connection for a stage task's statements, each of them atomic by itself.
 
     Stage tasks are the hot path: a worker runs thousands a minute in one process whose threads
     share one GIL. With psycopg each statement, compiled once per process, goes straight to the
@@ -137,30 +143,31 @@ class StageConnection:
     JSON, which the driver decodes).
     """
 
-    def __init__(self, dialect: Dialect, *, connection: Connection | None = None, pooled: Any = None):
+    def __init__(self, dialect: Dialect, *, connection: Connection | None = None, held: Any = None):
         self.dialect = dialect
         self._connection = connection
-        self._pooled = pooled
+        self._held: _HeldConnection | None = held
 
     def rows(self, statement: Executable, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         """Run one prebuilt statement; returns its rows (none for a statement without RETURNING)."""
         if self._connection is not None:
             result = self._connection.execute(statement, dict(params))
             return [tuple(row) for row in result] if result.returns_rows else []
+        assert self._held is not None
         compiled = _compiled(cast(ClauseElement, statement), self.dialect)
         values = compiled.literals | dict(params)
         for name, process in compiled.processors:
             values[name] = process(values[name])
-        driver = self._pooled.driver_connection
+        driver = self._held.driver
         try:
             cursor = driver.execute(compiled.sql, values)
             return cursor.fetchall() if cursor.pgresult.nfields else []
         except self.dialect.loaded_dbapi.Error as exc:
             # Raised as SQLAlchemy's exceptions, which the stages retry (DATABASE_RETRY); a dead
-            # connection leaves the pool.
+            # connection is dropped and the thread's next statement opens a new one.
             invalidated = self.dialect.is_disconnect(exc, driver, None)
             if invalidated:
-                self._pooled.invalidate(exc)
+                self._held.discard()
             raise DBAPIError.instance(
                 compiled.sql,
                 values,
@@ -171,6 +178,64 @@ class StageConnection:
             ) from exc
 
 
+class _HeldConnection:
+    """A thread's own autocommit connection for its stage statements.
+
+    A stage opens its connection twice (before and after generating) and a worker runs thousands
+    of stages a minute: a pool checkout and checkin each time (events, bookkeeping, the reset on
+    return) cost more CPU than the statement itself. A worker's threads are a fixed set, so each
+    keeps one connection instead, checked like a pooled one before every use. Connections: one per
+    worker thread that runs stages, besides the engine's pool.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._connection: Any = None
+        self._idle_since = 0.0
+
+    @property
+    def driver(self) -> Any:
+        return self._connection
+
+    def acquire(self) -> Any:
+        if self._connection is not None:
+            try:
+                _check_alive(self._connection, self._idle_since, self._engine.dialect)
+            except DisconnectionError:
+                self.discard()
+        if self._connection is None:
+            pooled = self._engine.raw_connection()
+            connection: Any = pooled.driver_connection
+            # Out of the pool's count: the pool stays free for sessions.
+            pooled.detach()
+            connection.autocommit = True
+            self._connection = connection
+        return self._connection
+
+    def release(self) -> None:
+        self._idle_since = time.monotonic()
+
+    def discard(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            # Already broken: closing it is only tidying up.
+            with suppress(Exception):
+                connection.close()
+
+
+_held = threading.local()
+
+
+def _held_connection(engine: Engine) -> _HeldConnection:
+    connections: dict[Engine, _HeldConnection] | None = getattr(_held, "connections", None)
+    if connections is None:
+        connections = _held.connections = {}
+    held = connections.get(engine)
+    if held is None:
+        held = connections[engine] = _HeldConnection(engine)
+    return held
+
+
 @contextmanager
 def statement_scope(url: str) -> Iterator[StageConnection]:
     """A connection for a stage's statements, each atomic by itself (see `StageConnection`)."""
@@ -179,12 +244,9 @@ def statement_scope(url: str) -> Iterator[StageConnection]:
         with engine.begin() as connection:
             yield StageConnection(engine.dialect, connection=connection)
         return
-    pooled = engine.raw_connection()
-    driver: Any = pooled.driver_connection
+    held = _held_connection(engine)
+    held.acquire()
     try:
-        driver.autocommit = True
-        yield StageConnection(engine.dialect, pooled=pooled)
+        yield StageConnection(engine.dialect, held=held)
     finally:
-        if pooled.is_valid and not driver.closed:
-            driver.autocommit = False  # the pool hands out connections in their default mode
-        pooled.close()
+        held.release()

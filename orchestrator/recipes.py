@@ -7,6 +7,7 @@ A recipe is the contract between the user, the planner and the stage tasks. It i
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -188,15 +189,24 @@ class Recipe(_Strict):
         return self
 
     def slots(self, layer: int) -> list[Slot]:
-        """The generations of one layer, numbered from 0; sample j of a proposer gets seed + j."""
-        slots: list[Slot] = []
-        for proposer in self.layers[layer].proposers:
-            for sample in range(proposer.samples):
-                sampling = proposer.sampling
-                if sampling.seed is not None and sample:
-                    sampling = sampling.model_copy(update={"seed": sampling.seed + sample})
-                slots.append(Slot(slot=len(slots), model=proposer.model, sampling=sampling))
-        return slots
+        """The generations of one layer, numbered from 0; sample j of a proposer gets seed + j.
+        (Shared: callers read it, never change it.)"""
+        return self._slots[layer]
+
+    @cached_property
+    def _slots(self) -> list[list[Slot]]:
+        # Every stage task asks for its layer's slots: built once per recipe, not per call.
+        layers: list[list[Slot]] = []
+        for layer in self.layers:
+            slots: list[Slot] = []
+            for proposer in layer.proposers:
+                for sample in range(proposer.samples):
+                    sampling = proposer.sampling
+                    if sampling.seed is not None and sample:
+                        sampling = sampling.model_copy(update={"seed": sampling.seed + sample})
+                    slots.append(Slot(slot=len(slots), model=proposer.model, sampling=sampling))
+            layers.append(slots)
+        return layers
 
     def model(self, name: str) -> VllmModel | OpenAIModel | SyntheticModel:
         return self.models[name]

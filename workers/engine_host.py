@@ -77,6 +77,16 @@ class _Resident:
     last_used: float = field(default_factory=time.monotonic)
 
 
+class _Traffic:
+    """Requests in flight on one model, and its metrics, labelled once (a labels() call takes a
+    lock and a lookup, several times per request otherwise)."""
+
+    def __init__(self, model: str) -> None:
+        self.count = 0
+        self.offered = OFFERED_BATCH.labels(model)
+        self.gauge = ENGINE_IN_FLIGHT.labels(model)
+
+
 class EngineHost:
     def __init__(
         self,
@@ -101,7 +111,7 @@ class EngineHost:
         self._load_lock = threading.Lock()
         # Separate from the others: counting must not wait for a model to load.
         self._count_lock = threading.Lock()
-        self._in_flight: dict[str, int] = {}
+        self._traffic: dict[str, _Traffic] = {}
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -275,9 +285,13 @@ class EngineHost:
 
     def generate(self, engine: Engine, request: ChatRequest) -> Generation:
         with self._count_lock:
-            self._in_flight[engine.name] = in_flight = self._in_flight.get(engine.name, 0) + 1
-        OFFERED_BATCH.labels(engine.name).observe(in_flight)
-        ENGINE_IN_FLIGHT.labels(engine.name).set(in_flight)
+            traffic = self._traffic.get(engine.name)
+            if traffic is None:
+                traffic = self._traffic[engine.name] = _Traffic(engine.name)
+            traffic.count += 1
+            in_flight = traffic.count
+        traffic.offered.observe(in_flight)
+        traffic.gauge.set(in_flight)
         try:
             return self._run(engine.generate(request), self.settings.engine_request_timeout_s)
         except EngineUnavailable:
@@ -286,8 +300,8 @@ class EngineHost:
             raise
         finally:
             with self._count_lock:
-                self._in_flight[engine.name] -= 1
-                ENGINE_IN_FLIGHT.labels(engine.name).set(self._in_flight[engine.name])
+                traffic.count -= 1
+                traffic.gauge.set(traffic.count)
 
     # Health
 

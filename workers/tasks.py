@@ -55,6 +55,17 @@ def _record_load(event: LoadEvent) -> None:
         residency.record_engine_load(session, record)
 
 
+# Labelled once: every stage counts itself.
+_STAGE_COUNTS = {
+    (stage, str(outcome)): STAGES.labels(stage, outcome)
+    for stage, outcomes in (
+        ("proposer", ("ok", "failed")),
+        ("aggregator", (ItemStatus.SUCCEEDED, ItemStatus.DEGRADED, ItemStatus.FAILED)),
+    )
+    for outcome in outcomes
+}
+
+
 @worker_shutdown.connect
 def _close_engines(**_: Any) -> None:
     if _host is not None:
@@ -163,7 +174,7 @@ def run_proposer(self: Task, item_id: int, layer: int, slot: int) -> int | None:
         record = _record(spec.model, generation, attempt)
     with statement_scope(url) as db:
         candidate_id = stages.record_candidate(db, item_id, layer, slot, record)
-    STAGES.labels("proposer", "failed" if generation is None else "ok").inc()
+    _STAGE_COUNTS["proposer", "failed" if generation is None else "ok"].inc()
     return candidate_id
 
 
@@ -226,13 +237,13 @@ def run_aggregator(self: Task, item_id: int) -> str | None:
             output=record,
             pool_size=len(references),
         )
-    STAGES.labels("aggregator", status).inc()
+    _STAGE_COUNTS["aggregator", status].inc()
     return status
 
 
 def _fail(url: str, item_id: int, error: str) -> str:
     log.warning("aggregator item=%s failed: %s", item_id, error)
-    STAGES.labels("aggregator", ItemStatus.FAILED).inc()
+    _STAGE_COUNTS["aggregator", ItemStatus.FAILED].inc()
     with statement_scope(url) as db:
         stages.finish_item(db, item_id, ItemStatus.FAILED, error=error)
     return ItemStatus.FAILED
