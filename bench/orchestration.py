@@ -12,7 +12,8 @@ measures:
       dispatch task runs in a control worker (`slimmoa worker --role control`) and the stages in one
       inference worker (`--role inference`). With `--single-worker`, one `--role all` worker does
       both (as `slimmoa run` does), so it also pays for sending the chords that (a)'s worker does not;
-and prints items/s for each and the ratio (b)/(a). It also reports the peak RSS of the workers, and
+and prints items/s for each and the ratio (b)/(a). It also reports the peak RSS of the workers, the
+time to read the finished job back (a `pools` export: every item with every candidate), and
   (c) the submit of a `--submit-items` job (default 10,000) to the real API (`slimmoa api` in a
       subprocess): seconds for the POST /v1/jobs and the API's peak RSS meanwhile (the job is then
       cancelled, so the pipeline's worker only finds it cancelled).
@@ -156,6 +157,9 @@ class PipelineRun:
     stage_worker_rss: int
     control_worker_rss: int
     submit_s: float
+    # Reading the finished job back: a `pools` export (every item with every candidate).
+    export_s: float
+    export_bytes: int
 
 
 def slimmoa(
@@ -241,12 +245,29 @@ def _through_pipeline(
 
         _, peaks = _wait(done, items, workers, timeout=3600)
         rate = items / (time.perf_counter() - started)
-        return PipelineRun(rate, peaks[0], peaks[1] if len(peaks) > 1 else 0, submitted)
+        export_s, export_bytes = _export(url, job_id)
+        return PipelineRun(
+            rate, peaks[0], peaks[1] if len(peaks) > 1 else 0, submitted, export_s, export_bytes
+        )
     finally:
         for worker in workers:
             worker.terminate()
         for worker in workers:
             worker.wait()
+
+
+def _export(url: str, job_id: str) -> tuple[float, int]:
+    """Seconds to read a finished job's `pools` export to the end, and its size in bytes."""
+    from db import queries
+    from db.session import session_scope
+    from orchestrator.exports import ExportFormat, open_export
+
+    started = time.perf_counter()
+    with session_scope(url) as session:
+        job = queries.get_job(session, job_id)
+    assert job is not None
+    size = sum(len(chunk) for chunk in open_export(url, job, ExportFormat.POOLS).chunks)
+    return time.perf_counter() - started, size
 
 
 def main() -> None:
@@ -285,6 +306,10 @@ def main() -> None:
     )
     print(f"ratio (b)/(a)         : {run.items_per_s / bare_rate:8.2f}")
     print(f"submit of {args.items} items (one transaction): {run.submit_s:.2f} s")
+    print(
+        f"export of the finished job (pools, every candidate): {run.export_s:.2f} s"
+        f" for {run.export_bytes / 2**10:.0f} KiB"
+    )
     if api is not None:
         api_s, api_rss = api
         print(

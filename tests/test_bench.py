@@ -55,6 +55,8 @@ def test_orchestration_bench_prints_its_ratio(args: tuple[str, ...], tmp_path: P
     # The rates are printed to 0.1 and the ratio to 0.01: allow for that rounding only.
     rounding = pipeline / bare * (0.05 / bare + 0.05 / pipeline) + 0.005
     assert float(ratio.group(1)) == pytest.approx(pipeline / bare, abs=rounding)
+    exported = re.search(r"export of the finished job .*: ([\d.]+) s for (\d+) KiB", result.stdout)
+    assert exported is not None and float(exported.group(2)) > 0, result.stdout
     if "--single-worker" in args:
         assert "one worker (--role all)" in result.stdout
         assert "(c)" not in result.stdout
