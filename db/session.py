@@ -143,10 +143,16 @@ class StageConnection:
     JSON, which the driver decodes).
     """
 
-    def __init__(self, dialect: Dialect, *, connection: Connection | None = None, held: Any = None):
+    def __init__(
+        self,
+        dialect: Dialect,
+        *,
+        connection: Connection | None = None,
+        held: _HeldConnection | None = None,
+    ):
         self.dialect = dialect
         self._connection = connection
-        self._held: _HeldConnection | None = held
+        self._held = held
 
     def rows(self, statement: Executable, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         """Run one prebuilt statement; returns its rows (none for a statement without RETURNING)."""
@@ -197,7 +203,8 @@ class _HeldConnection:
     def driver(self) -> Any:
         return self._connection
 
-    def acquire(self) -> Any:
+    def acquire(self) -> None:
+        """Make sure the thread has a live connection: check the one it keeps, or open one."""
         if self._connection is not None:
             try:
                 _check_alive(self._connection, self._idle_since, self._engine.dialect)
@@ -210,7 +217,6 @@ class _HeldConnection:
             pooled.detach()
             connection.autocommit = True
             self._connection = connection
-        return self._connection
 
     def release(self) -> None:
         self._idle_since = time.monotonic()
