@@ -83,9 +83,9 @@ def _through_pipeline(instructions: list[str], max_tokens: int, env: dict[str, s
     from db.models import Candidate, Item
     from db.session import session_scope
     from orchestrator.celery_app import app
-    from orchestrator.jobs import create_job, enqueue_job
+    from orchestrator.contracts import InputRecord
     from orchestrator.recipes import Recipe, parse_recipe
-    from orchestrator.schemas import InputRecord
+    from orchestrator.submission import Submission, enqueue_job, store_job
 
     url = env["DATABASE_URL"]
 
@@ -117,10 +117,11 @@ def _through_pipeline(instructions: list[str], max_tokens: int, env: dict[str, s
 
         def run(texts: list[str]) -> tuple[float, int]:
             # Each item is its own job so that every request gets the recipe's seed (1000 + i).
-            jobs = [
-                create_job(url, recipe_for(1000 + i), [InputRecord(instruction=instruction)])
-                for i, instruction in enumerate(texts)
-            ]
+            with session_scope(url) as session:
+                jobs = [
+                    store_job(session, Submission(recipe_for(1000 + i), [InputRecord(instruction=text)])).id
+                    for i, text in enumerate(texts)
+                ]
             started = time.perf_counter()
             for job_id in jobs:
                 enqueue_job(job_id)

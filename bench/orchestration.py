@@ -215,9 +215,9 @@ def _through_pipeline(
 ) -> PipelineRun:
     from db.session import session_scope
     from orchestrator.celery_app import app
-    from orchestrator.jobs import create_job, enqueue_job
+    from orchestrator.contracts import InputRecord
     from orchestrator.recipes import parse_recipe
-    from orchestrator.schemas import InputRecord
+    from orchestrator.submission import Submission, enqueue_job, store_job
 
     url = env["DATABASE_URL"]
     recipe = parse_recipe(_recipe(proposers))
@@ -232,15 +232,16 @@ def _through_pipeline(
         while len(app.control.ping(timeout=1.0)) < len(workers):
             time.sleep(0.2)
         started = time.perf_counter()
-        job_id = create_job(url, recipe, records)
+        with session_scope(url) as session:
+            job_id = store_job(session, Submission(recipe, records)).id
         submitted = time.perf_counter() - started
         enqueue_job(job_id)
 
         def done() -> int:
-            from db import queries
+            from db.progress import get_job
 
             with session_scope(url) as session:
-                job = queries.get_job(session, job_id)
+                job = get_job(session, job_id)
                 return job.items_done if job else 0
 
         _, peaks = _wait(done, items, workers, timeout=3600)
@@ -258,15 +259,14 @@ def _through_pipeline(
 
 def _export(url: str, job_id: str) -> tuple[float, int]:
     """Seconds to read a finished job's `pools` export to the end, and its size in bytes."""
-    from db import queries
+    from db.models import Job
     from db.session import session_scope
     from orchestrator.exports import ExportFormat, open_export
 
     started = time.perf_counter()
     with session_scope(url) as session:
-        job = queries.get_job(session, job_id)
-    assert job is not None
-    size = sum(len(chunk) for chunk in open_export(url, job, ExportFormat.POOLS).chunks)
+        export = open_export(session, session.get_one(Job, job_id), ExportFormat.POOLS)
+        size = sum(len(chunk) for chunk in export.chunks)
     return time.perf_counter() - started, size
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Evaluation, EvaluationStatus, Item, Judgment, JudgmentStatus, Output, utcnow
-from db.queries import upsert_insert
+from db.rows import dialect_insert
 
 __all__ = [
     "NewJudgment",
@@ -25,8 +26,11 @@ __all__ = [
     "get_evaluation",
     "get_judgment",
     "judgment_counts",
+    "latest_judgment_error",
+    "mark_judgments_dispatched",
     "open_evaluation",
     "record_judgment",
+    "stalled_judgments",
     "unfinished_judgments",
 ]
 
@@ -90,7 +94,7 @@ def add_judgments(session: Session, evaluation: Evaluation, judgments: Sequence[
             {"evaluation_id": evaluation.id, "status": JudgmentStatus.PENDING, **j.__dict__}
             for j in judgments
         ]
-        statement = upsert_insert(session, Judgment).values(rows)
+        statement = dialect_insert(session.get_bind().dialect.name, Judgment).values(rows)
         session.execute(statement.on_conflict_do_nothing(index_elements=["evaluation_id", "item_id"]))
     evaluation.total = (
         session.scalar(select(func.count()).where(Judgment.evaluation_id == evaluation.id)) or 0
@@ -112,6 +116,30 @@ def unfinished_judgments(session: Session, evaluation_id: int) -> list[int]:
         select(Judgment.id)
         .where(Judgment.evaluation_id == evaluation_id, Judgment.status != JudgmentStatus.DONE)
         .order_by(Judgment.item_id)
+    )
+    return list(session.scalars(query))
+
+
+def mark_judgments_dispatched(session: Session, judgment_ids: Sequence[int]) -> None:
+    """Stamp judgments whose judge tasks were just sent (the recovery sweep leaves them alone a while)."""
+    if judgment_ids:
+        session.execute(update(Judgment).where(Judgment.id.in_(judgment_ids)).values(dispatched_at=utcnow()))
+
+
+def stalled_judgments(session: Session, quiet_since: datetime, limit: int = 10_000) -> list[int]:
+    """Pending judgments of running evaluations not sent since `quiet_since`: lost with a worker or
+    the broker."""
+    query = (
+        select(Judgment.id)
+        .join(Evaluation, Evaluation.id == Judgment.evaluation_id)
+        .where(
+            Judgment.status == JudgmentStatus.PENDING,
+            Evaluation.status == EvaluationStatus.RUNNING,
+            Evaluation.created_at < quiet_since,
+            or_(Judgment.dispatched_at.is_(None), Judgment.dispatched_at < quiet_since),
+        )
+        .order_by(Judgment.id)
+        .limit(limit)
     )
     return list(session.scalars(query))
 
@@ -138,6 +166,16 @@ def judgment_counts(session: Session, evaluation_id: int) -> dict[str, int]:
     counts = {str(status): 0 for status in JudgmentStatus}
     counts.update({str(status): int(count) for status, count in rows})
     return counts
+
+
+def latest_judgment_error(session: Session, evaluation_id: int) -> str | None:
+    """The most recent failed judgment's message."""
+    return session.scalar(
+        select(Judgment.error)
+        .where(Judgment.evaluation_id == evaluation_id, Judgment.status == JudgmentStatus.FAILED)
+        .order_by(Judgment.judged_at.desc())
+        .limit(1)
+    )
 
 
 def evaluation_rows(session: Session, evaluation_id: int) -> list[tuple[Judgment, Item, Output]]:

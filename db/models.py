@@ -22,6 +22,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
+    "FINAL_JOB_STATUSES",
+    "ITEM_COUNTERS",
     "Base",
     "Candidate",
     "EngineLoad",
@@ -99,6 +101,9 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
     # A client-chosen key: a retried submit with the same key returns this job instead of a new one.
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # SHA-256 of the submitted request: the same key with another request is refused, not answered
+    # with this job.
+    idempotency_digest: Mapped[str | None] = mapped_column(String(64))
     # 0 (lowest) to 9; recorded with the job and reported by the API.
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     total_items: Mapped[int] = mapped_column(Integer)
@@ -250,6 +255,8 @@ class Judgment(Base):
     error: Mapped[str | None] = mapped_column(Text)
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     judged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the judge task was last sent: the recovery sweep leaves recently sent judgments alone.
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     evaluation: Mapped[Evaluation] = relationship(back_populates="judgments")
     item: Mapped[Item] = relationship()
@@ -267,9 +274,19 @@ class EngineLoad(Base):
     # The job whose stage needed the model; None when the job is unknown (deleted since).
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
     model: Mapped[str] = mapped_column(String(200))
-    kind: Mapped[str] = mapped_column(String(8))  # "load" or "wake"
+    kind: Mapped[str] = mapped_column(String(8))  # "load", "wake" or "failed"
     seconds: Mapped[float] = mapped_column(Float)
     evicted: Mapped[list[Any]]
     unload_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     worker: Mapped[str] = mapped_column(String(200))
+    # Why a `failed` load failed (the loader's message).
+    error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+# The job's counter of each final item status.
+ITEM_COUNTERS = {
+    ItemStatus.SUCCEEDED: Job.items_succeeded,
+    ItemStatus.DEGRADED: Job.items_degraded,
+    ItemStatus.FAILED: Job.items_failed,
+}

@@ -3,7 +3,7 @@ loads and swaps they made (job statistics)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import func, select
@@ -31,21 +31,13 @@ class EngineLoadRecord:
     worker: str
     evicted: list[str] = field(default_factory=list)
     unload_seconds: float = 0.0
+    error: str | None = None
 
 
 def record_engine_load(session: Session, record: EngineLoadRecord) -> None:
+    """Store a load; one caused by a job that is gone (deleted meanwhile) is kept without it."""
     known = record.job_id is not None and session.get(Job, record.job_id) is not None
-    session.add(
-        EngineLoad(
-            job_id=record.job_id if known else None,
-            model=record.model,
-            kind=record.kind,
-            seconds=record.seconds,
-            evicted=record.evicted,
-            unload_seconds=record.unload_seconds,
-            worker=record.worker,
-        )
-    )
+    session.add(EngineLoad(**(asdict(record) | {"job_id": record.job_id if known else None})))
 
 
 @dataclass(frozen=True)
@@ -58,9 +50,12 @@ class LoadStats:
     per_model: dict[str, int]
     swaps: int
     unload_seconds: float
+    # model -> the loader's message of its latest failed load
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 def load_stats(session: Session, job_id: str) -> LoadStats:
+    ready = EngineLoad.kind != "failed"
     rows = session.execute(
         select(
             EngineLoad.model,
@@ -68,16 +63,20 @@ def load_stats(session: Session, job_id: str) -> LoadStats:
             func.coalesce(func.sum(EngineLoad.seconds), 0.0),
             func.coalesce(func.sum(EngineLoad.unload_seconds), 0.0),
         )
-        .where(EngineLoad.job_id == job_id)
+        .where(EngineLoad.job_id == job_id, ready)
         .group_by(EngineLoad.model)
     ).all()
-    swaps = [
-        evicted for evicted in session.scalars(select(EngineLoad.evicted).where(EngineLoad.job_id == job_id))
-    ]
+    failures = session.execute(
+        select(EngineLoad.model, EngineLoad.error)
+        .where(EngineLoad.job_id == job_id, ~ready)
+        .order_by(EngineLoad.created_at, EngineLoad.id)
+    ).tuples()
+    swaps = list(session.scalars(select(EngineLoad.evicted).where(EngineLoad.job_id == job_id, ready)))
     return LoadStats(
         loads=sum(count for _, count, _, _ in rows),
         load_seconds=float(sum(seconds for _, _, seconds, _ in rows)),
         per_model={model: count for model, count, _, _ in rows},
         swaps=sum(1 for evicted in swaps if evicted),
         unload_seconds=float(sum(unload for *_, unload in rows)),
+        failed={model: error or "load failed" for model, error in failures},
     )

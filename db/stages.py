@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, NamedTuple
 
-from sqlalchemy import JSON, and_, bindparam, case, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import JSON, String, and_, bindparam, case, cast, literal, or_, select, update
 
-from db.models import Candidate, Item, ItemStatus, Job, JobStatus, Output, utcnow
-from db.queries import ITEM_COUNTERS, GenerationRecord
+from db.models import ITEM_COUNTERS, Candidate, Item, ItemStatus, Job, JobStatus, Output, utcnow
+from db.rows import GenerationRecord, dialect_insert
 from db.session import StageConnection
 
 __all__ = [
@@ -29,7 +28,7 @@ __all__ = [
     "StageRead",
     "finish_item",
     "job_recipe",
-    "mark_dispatched",
+    "mark_item_dispatched",
     "read_pools",
     "read_proposer",
     "record_candidate",
@@ -130,13 +129,9 @@ def job_recipe(db: StageConnection, job_id: str) -> dict[str, Any] | None:
 _MARK_DISPATCHED = update(Item).where(Item.id == bindparam("item_id")).values(dispatched_at=bindparam("now"))
 
 
-def mark_dispatched(db: StageConnection, item_id: int) -> None:
+def mark_item_dispatched(db: StageConnection, item_id: int) -> None:
     """Stamp an item whose next canvas was just sent (the recovery sweep leaves it alone a while)."""
     db.rows(_MARK_DISPATCHED, {"item_id": item_id, "now": utcnow()})
-
-
-def _insert(dialect: str, table: Any) -> Any:
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
 _RECORD_FIELDS = tuple(GenerationRecord.__dataclass_fields__)
@@ -145,7 +140,7 @@ _KEY = ("item_id", "layer", "slot")
 
 @cache
 def _candidate_upsert(dialect: str) -> Any:
-    statement = _insert(dialect, Candidate).values(
+    statement = dialect_insert(dialect, Candidate).values(
         {column: bindparam(column) for column in (*_KEY, *_RECORD_FIELDS)} | {"created_at": bindparam("now")}
     )
     return statement.on_conflict_do_update(
@@ -179,8 +174,8 @@ def _output_insert(dialect: str) -> Any:
     columns = ("item_id", "pool_size", *_OUTPUT_FIELDS)
     values: dict[str, Any] = {column: bindparam(column) for column in columns}
     values["created_at"] = bindparam("now")
-    statement = _insert(dialect, Output).values(values).on_conflict_do_nothing(index_elements=["item_id"])
-    return statement.returning(Output.item_id)
+    statement = dialect_insert(dialect, Output).values(values)
+    return statement.on_conflict_do_nothing(index_elements=["item_id"]).returning(Output.item_id)
 
 
 _FINISH_VALUES = {
@@ -213,10 +208,14 @@ def _job_count(status: ItemStatus, which: Any) -> Any:
         (failed == Job.total_items, JobStatus.FAILED),
         else_=JobStatus.PARTIAL,
     )
+    # A job that ends with failed items says how many; each item's row says why.
+    failures = cast(failed, String) + literal(" of ") + cast(Job.total_items, String)
+    summary = failures + literal(" items failed: see the job's items with status failed")
     values: dict[Any, Any] = {
         counter: counter + 1,
         Job.status: case((ends, final), else_=Job.status),
         Job.finished_at: case((ends, bindparam("now")), else_=Job.finished_at),
+        Job.error: case((and_(ends, failed > 0), summary), else_=Job.error),
     }
     return update(Job).where(which).values(values).returning(Job.id)
 

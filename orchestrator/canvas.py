@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from celery import chord, group
 from celery.canvas import Signature
 
-from db import queries, stages
+from db import recovery, stages
 from db.models import ItemStatus, JobStatus
+from db.progress import get_job
 from db.session import session_scope, statement_scope
 from orchestrator.celery_app import (
     DATABASE_RETRY,
@@ -23,7 +24,7 @@ from orchestrator.celery_app import (
     TASK_PROPOSER,
     app,
 )
-from orchestrator.jobs import job_recipe
+from orchestrator.job_recipes import job_recipe
 from orchestrator.recipes import Recipe
 from orchestrator.routing import aggregator_queue, proposer_queue
 from orchestrator.settings import get_settings
@@ -77,16 +78,16 @@ def dispatch(job_id: str) -> int:
     """Enqueue the canvases of a job's pending items; returns how many were sent."""
     url = get_settings().database_url
     with session_scope(url) as session:
-        job = queries.get_job(session, job_id)
+        job = get_job(session, job_id)
         if job is None:
             log.warning("dispatch: no job %s", job_id)
             return 0
         if job.status == JobStatus.CANCELLED:
             return 0
         recipe = Recipe.model_validate(job.recipe)
-        item_ids = queries.item_ids(session, job_id, pending_only=True)
-        queries.mark_job_running(session, job_id)
-        queries.mark_dispatched(session, job_id=job_id)
+        item_ids = recovery.item_ids(session, job_id, pending_only=True)
+        recovery.mark_job_running(session, job_id)
+        recovery.mark_items_dispatched(session, job_id=job_id)
     for start in range(0, len(item_ids), DISPATCH_BATCH):
         if start and _cancelled(url, job_id):
             return start
@@ -99,7 +100,7 @@ def dispatch(job_id: str) -> int:
 
 def _cancelled(url: str, job_id: str) -> bool:
     with session_scope(url) as session:
-        job = queries.get_job(session, job_id)
+        job = get_job(session, job_id)
         return job is None or job.status == JobStatus.CANCELLED
 
 
@@ -130,7 +131,7 @@ def layer_done(item_id: int, layer: int) -> bool:
             return False
         if len(survivors) >= recipe.min_pool:
             item_canvas(item_id, recipe, layer + 1).apply_async()
-            stages.mark_dispatched(db, item_id)
+            stages.mark_item_dispatched(db, item_id)
             return True
         failures = "; ".join(f"slot {c.slot}: {c.error}" for c in pool if not c.ok)
         reason = (

@@ -1,7 +1,7 @@
 """A small client of the `/v1` API, used by `slimmoa submit / status / export / cancel / retry`.
 
 client = ApiClient("http://127.0.0.1:8000", token=None)
-job = client.submit_file(Path("prompts.jsonl"), recipe="synthetic")
+job, _ = client.submit_file(Path("prompts.jsonl"), recipe="synthetic")
 client.job(job.id).progress.items
 """
 
@@ -16,22 +16,14 @@ from typing import Any
 
 import httpx
 
-from orchestrator.api.schemas import JobDetailPublic, JobPublic, RetryResult
+from orchestrator.api.bodies import NOTICE_HEADER, JobDetailPublic, JobPublic
+from orchestrator.contracts import RetryResult, RetryStage
+from orchestrator.errors import ApiError
 from orchestrator.exports import METADATA_HEADER, ExportFormat
-from orchestrator.recovery import RetryStage
 
-__all__ = ["ApiClient", "ApiError", "Download"]
+__all__ = ["ApiClient", "Download"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-
-
-class ApiError(RuntimeError):
-    """The API answered with an error (or could not be reached: status 0); the message is its detail."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -90,14 +82,15 @@ class ApiClient:
         name: str | None = None,
         priority: int = 0,
         idempotency_key: str | None = None,
-    ) -> JobPublic:
-        """Upload a JSONL or AlpacaEval-JSON prompt file as a new job (or the key's earlier job)."""
+    ) -> tuple[JobPublic, str | None]:
+        """Upload a JSONL or AlpacaEval-JSON prompt file as a new job (or the key's earlier job); returns
+        the job and the API's notice, if any (a job stored while the broker was unreachable)."""
         data = {"recipe": recipe, "priority": str(priority)} | ({"name": name} if name else {})
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         with path.open("rb") as handle:
             files = {"file": (path.name, handle, "application/octet-stream")}
             response = self._request("POST", "/v1/jobs", data=data, files=files, headers=headers)
-        return JobPublic.model_validate(response.json())
+        return JobPublic.model_validate(response.json()), response.headers.get(NOTICE_HEADER)
 
     def job(self, job_id: str) -> JobDetailPublic:
         return JobDetailPublic.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())

@@ -18,13 +18,16 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel
 
-from db import queries
+from db.progress import get_job
+from db.results import job_outputs
 from db.session import session_scope
+from orchestrator.errors import JobNotFound
 
 __all__ = ["Diversity", "ItemDiversity", "PairDiversity", "embed", "job_diversity", "pool_distance"]
 
 Embedder = Callable[[Sequence[str]], NDArray[np.float32]]
-# Texts embedded per forward pass: 64 keeps the CPU busy without holding a whole job's pools at once.
+# Texts embedded per forward pass: 64 keeps the CPU busy while bounding the activations of one pass.
+# (The job's pool texts themselves are all held: one vector per candidate is needed for the pairs.)
 EMBED_BATCH = 64
 
 
@@ -94,9 +97,9 @@ def job_diversity(database_url: str, job_id: str, embedder: Embedder = embed) ->
     """Diversity of every pool of a job (each item and layer), and per pair of proposer slots."""
     pools: list[tuple[int, int, list[tuple[int, str, str]]]] = []
     with session_scope(database_url) as session:
-        if queries.get_job(session, job_id) is None:
-            raise LookupError(f"job {job_id}: not found")
-        for item, _ in queries.job_outputs(session, job_id):
+        if get_job(session, job_id) is None:
+            raise JobNotFound(f"job {job_id}: not found")
+        for item, _ in job_outputs(session, job_id, with_pools=True):
             by_layer: dict[int, list[tuple[int, str, str]]] = defaultdict(list)
             for candidate in item.candidates:
                 if candidate.ok and candidate.text is not None:

@@ -18,13 +18,11 @@ from pathlib import Path
 
 import redis
 
-__all__ = ["EmbeddedError", "free_port", "private_redis", "worker_process"]
+from orchestrator.errors import EmbeddedError
+
+__all__ = ["free_port", "private_redis", "worker_process"]
 
 STARTUP_TIMEOUT_S = 30.0
-
-
-class EmbeddedError(RuntimeError):
-    """The embedded services could not be started."""
 
 
 def free_port() -> int:

@@ -17,17 +17,19 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from db import evaluations, queries
+from db import evaluations
 from db.evaluations import NewJudgment
 from db.models import EvaluationStatus
+from db.progress import get_job
+from db.results import job_outputs
 from db.session import session_scope
 from orchestrator.celery_app import TASK_JUDGE, app
+from orchestrator.errors import EvaluationError
 from orchestrator.judging import JudgeSpec, shows_model_first
 from orchestrator.winrate import fit_length_controlled, win_rate
 
 __all__ = [
     "JOB_REFERENCE_PREFIX",
-    "EvaluationError",
     "EvaluationStart",
     "Reference",
     "ReferenceRow",
@@ -39,10 +41,6 @@ __all__ = [
 ]
 
 JOB_REFERENCE_PREFIX = "job:"
-
-
-class EvaluationError(ValueError):
-    """An evaluation that cannot start; the message names the file, setting or job at fault."""
 
 
 class ReferenceRow(BaseModel):
@@ -80,11 +78,11 @@ def load_reference(reference: str, database_url: str, *, setting: str = "EVAL_RE
         job_id = reference.removeprefix(JOB_REFERENCE_PREFIX)
         rows: dict[str, ReferenceRow] = {}
         with session_scope(database_url) as session:
-            job = queries.get_job(session, job_id)
+            job = get_job(session, job_id)
             if job is None:
                 raise EvaluationError(f"reference job {job_id}: not found")
             generator = f"slimmoa-{job.recipe_name}"
-            for item, output in queries.job_outputs(session, job_id):
+            for item, output in job_outputs(session, job_id):
                 if output is not None:
                     rows.setdefault(
                         _key(item.instruction),
@@ -132,11 +130,11 @@ def start_evaluation(
 ) -> EvaluationStart:
     """Create (or resume) the evaluation and its pending judgments in one transaction; nothing is sent."""
     with session_scope(database_url) as session:
-        job = queries.get_job(session, job_id)
+        job = get_job(session, job_id)
         if job is None:
             raise EvaluationError(f"job {job_id}: not found")
         matched, without_output, without_reference = [], 0, 0
-        for item, output in queries.job_outputs(session, job_id):
+        for item, output in job_outputs(session, job_id):
             row = reference.rows.get(_key(item.instruction))
             if output is None:
                 without_output += 1
@@ -171,6 +169,7 @@ def start_evaluation(
         ]
         evaluations.add_judgments(session, evaluation, new)
         to_judge = evaluations.unfinished_judgments(session, evaluation.id)
+        evaluations.mark_judgments_dispatched(session, to_judge)
         return EvaluationStart(
             evaluation_id=evaluation.id,
             seed=evaluation.seed,

@@ -25,10 +25,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
+from sqlalchemy.orm import Session
 
-from db import queries
 from db.models import Candidate, Item, Job, Output
-from db.session import session_scope
+from db.results import finished_items
+from orchestrator.errors import ExportError
 from orchestrator.recipes import OpenAIModel, Recipe, VllmModel
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
     "PARQUET_METADATA_KEY",
     "Export",
     "ExportContext",
-    "ExportError",
     "ExportFormat",
     "ExportMetadata",
     "ModelRecord",
@@ -71,15 +71,6 @@ class ExportFormat(enum.StrEnum):
     SFT = "sft"  # one object a line: id, instruction, system (if any), the aggregated output
     PREFERENCE = "preference"  # one object a line: the output as chosen, a final-layer candidate rejected
     PARQUET = "parquet"  # one row per item with an output: the SFT fields, dataset, status and the pool
-
-
-class ExportError(ValueError):
-    """An export that cannot be made as asked: `param` names the parameter at fault, `reason` says why."""
-
-    def __init__(self, param: str, reason: str) -> None:
-        super().__init__(f"{param}: {reason}")
-        self.param = param
-        self.reason = reason
 
 
 class RejectedRule(enum.StrEnum):
@@ -398,14 +389,13 @@ def metadata_path(path: Path) -> Path:
     return path.with_name(path.name + ".metadata.json")
 
 
-def _finished_rows(database_url: str, job_id: str, *, with_pools: bool) -> Rows:
-    """The job's finished items in input order, one short transaction per page."""
+def _finished_rows(session: Session, job_id: str, *, with_pools: bool) -> Rows:
+    """The job's finished items in input order, one short transaction per page: the session gives its
+    connection back after each page, so none is held while the reader is slow."""
     after = -1
     while True:
-        with session_scope(database_url) as session:
-            page = queries.finished_items(
-                session, job_id, after_position=after, limit=PAGE_SIZE, with_pools=with_pools
-            )
+        page = finished_items(session, job_id, after_position=after, limit=PAGE_SIZE, with_pools=with_pools)
+        session.close()
         yield from page
         if len(page) < PAGE_SIZE:
             return
@@ -423,7 +413,7 @@ class Export:
 
 
 def open_export(
-    database_url: str, job: Job, export_format: ExportFormat, rejected: Rejected | None = None
+    session: Session, job: Job, export_format: ExportFormat, rejected: Rejected | None = None
 ) -> Export:
     """Prepare an export of `job` (a row already read); nothing is read from its items until iterated.
 
@@ -440,6 +430,6 @@ def open_export(
             raise ExportError("rejected", reason)
     metadata = ExportMetadata.of(job, recipe, export_format, chosen)
     spec = _FORMATS[export_format]
-    rows = _finished_rows(database_url, job.id, with_pools=spec.with_pools)
+    rows = _finished_rows(session, job.id, with_pools=spec.with_pools)
     context = ExportContext(metadata=metadata, final_layer=final_layer, rejected=chosen)
     return Export(metadata, spec.media_type, f"{job.id}.{spec.suffix}", spec.write(rows, context))

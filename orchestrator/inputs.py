@@ -12,13 +12,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from orchestrator.schemas import InputRecord
+from orchestrator.contracts import InputRecord
+from orchestrator.errors import InputError, first_validation_message
 
-__all__ = ["InputError", "parse_records", "read_records"]
-
-
-class InputError(ValueError):
-    """A prompt file that cannot be used; the message says where and why."""
+__all__ = ["parse_records", "read_records"]
 
 
 def _validate(data: Any, where: str) -> InputRecord:
@@ -27,11 +24,7 @@ def _validate(data: Any, where: str) -> InputRecord:
     try:
         return InputRecord.model_validate(data)
     except ValidationError as exc:
-        problem = exc.errors()[0]
-        field = ".".join(str(part) for part in problem["loc"]) or "record"
-        message = (
-            "is required" if problem["type"] == "missing" else problem["msg"].removeprefix("Value error, ")
-        )
+        field, message = first_validation_message(exc)
         raise InputError(f"{where}: field '{field}' {message}") from exc
 
 

@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
+from orchestrator.contracts import ChatMessage
+from orchestrator.errors import NoVerdict, RecipeError
 from orchestrator.recipes import (
     OpenAIModel,
-    RecipeError,
     SamplingSpec,
     SyntheticModel,
     VllmModel,
     load_recipe,
 )
-from orchestrator.schemas import ChatMessage
 from orchestrator.settings import Settings
 
 __all__ = [
@@ -31,7 +31,6 @@ __all__ = [
     "JUDGE_SAMPLING",
     "SECOND_TOKEN",
     "JudgeSpec",
-    "NoVerdict",
     "judge_messages",
     "resolve_judge",
     "shows_model_first",
@@ -47,10 +46,6 @@ JUDGE_LOGPROBS = 20
 JUDGE_SAMPLING = SamplingSpec(temperature=1.0, top_p=1.0, max_tokens=1, seed=None)
 
 ModelSpec = VllmModel | OpenAIModel | SyntheticModel
-
-
-class NoVerdict(ValueError):
-    """Neither verdict token is among the judge's top first tokens."""
 
 
 @cache

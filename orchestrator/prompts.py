@@ -14,10 +14,10 @@ from typing import Protocol
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from orchestrator.schemas import ChatMessage, TruncationRecord
+from orchestrator.contracts import ChatMessage, TruncationRecord
+from orchestrator.errors import PromptTooLong
 
 __all__ = [
-    "PromptTooLong",
     "StagePrompt",
     "Tokenizer",
     "aggregator_prompt",
@@ -37,10 +37,6 @@ class Tokenizer(Protocol):
     def count(self, text: str) -> int: ...
 
     def truncate(self, text: str, max_tokens: int) -> str: ...
-
-
-class PromptTooLong(ValueError):
-    """The instruction alone leaves no room for the candidates and the answer: a permanent error."""
 
 
 class StagePrompt:

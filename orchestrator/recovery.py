@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import base64
-import enum
 import json
 import logging
 from collections.abc import Sequence
@@ -18,22 +17,30 @@ from typing import Any
 
 import redis
 from pydantic import BaseModel
+from sqlalchemy.orm import Session
 
-from db import queries
-from db.models import JobStatus, utcnow
+from db import evaluations, recovery
+from db.models import Job, JobStatus, utcnow
+from db.progress import get_job
+from db.rows import StalledItem
 from db.session import session_scope
 from orchestrator.canvas import aggregator_signature, item_canvas
-from orchestrator.celery_app import TASK_AGGREGATOR, TASK_LAYER_DONE, TASK_PROPOSER, TASK_RECOVER, app
+from orchestrator.celery_app import (
+    TASK_AGGREGATOR,
+    TASK_JUDGE,
+    TASK_LAYER_DONE,
+    TASK_PROPOSER,
+    TASK_RECOVER,
+    app,
+)
+from orchestrator.contracts import RetryResult, RetryStage
+from orchestrator.errors import JobNotFound, NotRetryable
 from orchestrator.recipes import Recipe
 from orchestrator.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "JobNotFound",
-    "NotRetryable",
-    "RetryResult",
-    "RetryStage",
     "SweepResult",
     "recover",
     "retry_job",
@@ -41,53 +48,32 @@ __all__ = [
 ]
 
 
-class RetryStage(enum.StrEnum):
-    ALL = "all"
-    PROPOSERS = "proposers"
-    AGGREGATOR = "aggregator"
-
-
-class RetryResult(BaseModel):
-    job_id: str
-    items_reopened: int
-    proposer_items: list[int]
-    aggregator_items: list[int]
-
-
-class JobNotFound(LookupError):
-    """No job with that id."""
-
-
-class NotRetryable(ValueError):
-    """The job or the items named cannot be retried; the message says why."""
-
-
 def retry_job(
-    database_url: str,
+    session: Session,
     job_id: str,
     *,
     stage: RetryStage = RetryStage.ALL,
     item_ids: Sequence[int] | None = None,
 ) -> RetryResult:
-    """Reopen the items with failed stages and enqueue exactly those stages, after the commit."""
-    with session_scope(database_url) as session:
-        job = queries.get_job(session, job_id)
-        if job is None:
-            raise JobNotFound(job_id)
-        if job.status == JobStatus.CANCELLED:
-            raise NotRetryable(f"job {job_id} was cancelled")
-        if item_ids is not None:
-            known = set(queries.item_ids(session, job_id))
-            unknown = sorted(set(item_ids) - known)
-            if unknown:
-                raise NotRetryable(f"items {unknown} are not items of job {job_id}")
-        plan = queries.failed_stage_items(session, job_id, item_ids)
-        canvas = plan.canvas if stage != RetryStage.AGGREGATOR else []
-        aggregator = plan.aggregator_only if stage != RetryStage.PROPOSERS else []
-        reopened = queries.reopen_items(session, job_id, canvas, drop_outputs=True)
-        reopened += queries.reopen_items(session, job_id, aggregator, drop_outputs=False)
-        queries.mark_dispatched(session, [*canvas, *aggregator])
-        recipe = Recipe.model_validate(job.recipe)
+    """Reopen the items with failed stages, commit, and enqueue exactly those stages."""
+    job = get_job(session, job_id)
+    if job is None:
+        raise JobNotFound(f"job {job_id!r} not found")
+    if job.status == JobStatus.CANCELLED:
+        raise NotRetryable(f"job {job_id} was cancelled")
+    if item_ids is not None:
+        known = set(recovery.item_ids(session, job_id))
+        unknown = sorted(set(item_ids) - known)
+        if unknown:
+            raise NotRetryable(f"items {unknown} are not items of job {job_id}")
+    plan = recovery.failed_stage_items(session, job_id, item_ids)
+    canvas = plan.canvas if stage != RetryStage.AGGREGATOR else []
+    aggregator = plan.aggregator_only if stage != RetryStage.PROPOSERS else []
+    reopened = recovery.reopen_items(session, job_id, canvas, drop_outputs=True)
+    reopened += recovery.reopen_items(session, job_id, aggregator, drop_outputs=False)
+    recovery.mark_items_dispatched(session, [*canvas, *aggregator])
+    recipe = Recipe.model_validate(job.recipe)
+    session.commit()
     for item_id in canvas:
         item_canvas(item_id, recipe).apply_async()
     for item_id in aggregator:
@@ -102,6 +88,8 @@ StageKey = tuple[str, int, int, int]
 
 
 def _stage_key(name: str, args: Sequence[Any]) -> StageKey | None:
+    if name == TASK_JUDGE and len(args) == 1:
+        return (name, int(args[0]), -1, -1)
     if name == TASK_PROPOSER and len(args) == 3:
         return (name, int(args[0]), int(args[1]), int(args[2]))
     if name == TASK_LAYER_DONE and len(args) == 2:
@@ -151,9 +139,10 @@ class SweepResult(BaseModel):
     layer_checks: int
     aggregators: int
     skipped_in_flight: int
+    judgments: int = 0
 
 
-def _next_stage(item: queries.StalledItem, recipe: Recipe) -> list[StageKey]:
+def _next_stage(item: StalledItem, recipe: Recipe) -> list[StageKey]:
     """The stage tasks an item waits for, from its candidate rows: missing slots, or the body."""
     last = len(recipe.layers) - 1
     for layer in range(last + 1):
@@ -176,18 +165,20 @@ def sweep(database_url: str, *, grace_s: float | None = None) -> SweepResult:
     grace = settings.recovery_grace_s if grace_s is None else grace_s
     quiet_since = utcnow() - timedelta(seconds=grace)
     with session_scope(database_url) as session:
-        stalled = queries.stalled_items(session, quiet_since)
+        stalled = recovery.stalled_items(session, quiet_since)
         recipes = {
-            job_id: Recipe.model_validate(queries.get_job(session, job_id).recipe)  # type: ignore[union-attr]
+            job_id: Recipe.model_validate(session.get_one(Job, job_id).recipe)
             for job_id in {item.job_id for item in stalled}
         }
+        judgments = evaluations.stalled_judgments(session, quiet_since)
     result = SweepResult(
         items_checked=len(stalled), proposer_chords=0, layer_checks=0, aggregators=0, skipped_in_flight=0
     )
-    if not stalled:
+    if not stalled and not judgments:
         return result
     in_flight = _queued_stages(settings.redis_url, [settings.queue_control, settings.queue_inference])
     in_flight |= _running_stages()
+    result.judgments = _resend_judgments(database_url, judgments, in_flight)
     sent: list[int] = []
     for item in stalled:
         recipe = recipes[item.job_id]
@@ -210,11 +201,21 @@ def sweep(database_url: str, *, grace_s: float | None = None) -> SweepResult:
             result.aggregators += 1
         sent.append(item_id)
     with session_scope(database_url) as session:
-        queries.mark_dispatched(session, sent)
+        recovery.mark_items_dispatched(session, sent)
         for job_id in {item.job_id for item in stalled}:
-            queries.mark_job_running(session, job_id)
+            recovery.mark_job_running(session, job_id)
     log.info("recovery sweep: %s", result)
     return result
+
+
+def _resend_judgments(database_url: str, judgments: list[int], in_flight: set[StageKey]) -> int:
+    """Send again the judge tasks of pending judgments that are neither queued nor running."""
+    lost = [j for j in judgments if (TASK_JUDGE, j, -1, -1) not in in_flight]
+    for judgment_id in lost:
+        app.send_task(TASK_JUDGE, args=(judgment_id,))
+    with session_scope(database_url) as session:
+        evaluations.mark_judgments_dispatched(session, lost)
+    return len(lost)
 
 
 @app.task(name=TASK_RECOVER, acks_late=True)

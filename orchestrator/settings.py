@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,6 +21,21 @@ class FaultSpec(BaseModel):
     # With probability hang_rate a request sleeps hang_seconds before answering (a hung engine).
     hang_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     hang_seconds: float = Field(default=0.0, ge=0.0)
+    # A start that sleeps this long first (a hung load).
+    load_hang_seconds: float = Field(default=0.0, ge=0.0)
+    # A built-in exception type (e.g. "KeyError") raised at start or at every request: an error of a
+    # kind no part of the service expects.
+    load_exception: str | None = None
+    generate_exception: str | None = None
+
+    @field_validator("load_exception", "generate_exception")
+    @classmethod
+    def _builtin_exception(cls, value: str | None) -> str | None:
+        if value is not None:
+            found = getattr(builtins, value, None)
+            if not (isinstance(found, type) and issubclass(found, Exception)):
+                raise ValueError(f"{value!r} is not a built-in exception type")
+        return value
 
 
 class Settings(BaseSettings):
@@ -44,6 +60,18 @@ class Settings(BaseSettings):
     stage_retry_backoff_s: float = 2.0
     # A request that has not finished after this long is treated as a hung engine.
     engine_request_timeout_s: float = 600.0
+    # Time limits on an engine's start (a cold load), wake, sleep and close: past them the attempt
+    # is a transient failure and the host's load lock is free for other models again.
+    engine_start_timeout_s: float = Field(default=900.0, gt=0)
+    engine_wake_timeout_s: float = Field(default=120.0, gt=0)
+    engine_sleep_timeout_s: float = Field(default=120.0, gt=0)
+    engine_close_timeout_s: float = Field(default=120.0, gt=0)
+    # A model whose load failed permanently (a broken folder, a bad config) is not loaded again for
+    # this long: its stages fail at once with the loader's message instead of each waiting for a load.
+    load_failure_ttl_s: float = Field(default=600.0, ge=0)
+    # Stage tasks ride out a database restart for this long (retried in the task, so that the task's
+    # own retries count engine attempts only); past it the recovery sweep re-sends the stage.
+    database_retry_s: float = Field(default=300.0, ge=0)
     # Threads of the inference worker: the number of generations in flight that the engines can batch.
     inference_concurrency: int = 16
     # Memory an inference worker may fill with resident models, GB (device memory on a GPU, RAM on a
@@ -54,6 +82,10 @@ class Settings(BaseSettings):
     # Port of a worker's Prometheus /metrics (0: not served).
     worker_metrics_port: int = 0
     worker_metrics_host: str = "127.0.0.1"
+
+    # `slimmoa run`, `status --watch` and `eval` give up when nothing has moved for this long while
+    # work is due and no live worker consumes its queue.
+    stall_timeout_s: float = Field(default=300.0, gt=0)
 
     # The recovery sweep leaves items alone that had a dispatch or a candidate this recently.
     recovery_grace_s: float = 120.0
@@ -80,6 +112,10 @@ class Settings(BaseSettings):
     max_items_per_job: int = 100_000
     page_size_default: int = 50
     page_size_max: int = 1000
+
+    def database_url_or_embedded(self) -> str:
+        """DATABASE_URL, or the embedded ./slimmoa.db that the all-in-one commands use without one."""
+        return self.database_url or f"sqlite:///{Path('slimmoa.db').resolve()}"
 
     @field_validator("database_url")
     @classmethod

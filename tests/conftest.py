@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,15 +27,21 @@ from db.migrate import upgrade
 from db.session import session_scope
 from orchestrator.celery_app import app as celery_app
 from orchestrator.celery_app import configure
+from orchestrator.contracts import InputRecord
 from orchestrator.embedded import free_port
-from orchestrator.jobs import create_job, enqueue_job
 from orchestrator.recipes import Recipe, parse_recipe
-from orchestrator.schemas import InputRecord
 from orchestrator.settings import PROJECT_ROOT, get_settings
+from orchestrator.submission import Submission, enqueue_job, store_job
 
 SAMPLE = PROJECT_ROOT / "examples" / "alpaca_eval_sample.jsonl"
 # Models the session worker fails on purpose (fault injection is a worker setting, never a recipe field).
-FAULTS = {"always-fails": {"error_rate": 1.0}, "broken-agg": {"error_rate": 1.0}}
+FAULTS = {
+    "always-fails": {"error_rate": 1.0},
+    "broken-agg": {"error_rate": 1.0},
+    # Exceptions of a kind no part of the service expects, at load and at every request.
+    "odd-load": {"load_exception": "LookupError"},
+    "odd-generate": {"generate_exception": "AttributeError"},
+}
 WORKER_ENV = {
     "SLIMMOA_FAULTS": json.dumps(FAULTS),
     "STAGE_MAX_RETRIES": "2",
@@ -123,21 +128,27 @@ def recipe_from_yaml(source: str) -> Recipe:
     return parse_recipe(yaml.safe_load(source))
 
 
+def store(database_url: str, recipe: Recipe, records: list[InputRecord], name: str | None = None) -> str:
+    """Store a job and its items (committed); nothing is enqueued."""
+    with session_scope(database_url) as session:
+        return store_job(session, Submission(recipe, records, name)).id
+
+
 def submit(database_url: str, recipe: Recipe, records: list[InputRecord]) -> str:
-    job_id = create_job(database_url, recipe, records, name="test")
+    job_id = store(database_url, recipe, records, name="test")
     enqueue_job(job_id)
     return job_id
 
 
 def wait_for_job(database_url: str, job_id: str, timeout: float = 300.0) -> Any:
     """Poll the record until the job reaches a final status; returns the job row."""
-    from db import queries
+    from db import progress
     from db.models import FINAL_JOB_STATUSES
 
     deadline = time.monotonic() + timeout
     while True:
         with session_scope(database_url) as session:
-            job = queries.get_job(session, job_id)
+            job = progress.get_job(session, job_id)
             assert job is not None
             if job.status in FINAL_JOB_STATUSES:
                 return job
@@ -150,12 +161,6 @@ def wait_for_job(database_url: str, job_id: str, timeout: float = 300.0) -> Any:
 
 def project_path(*parts: str) -> Path:
     return PROJECT_ROOT.joinpath(*parts)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

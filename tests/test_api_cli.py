@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from orchestrator.cli import cli
-from tests.conftest import SAMPLE, api_server, free_port
+from orchestrator.embedded import free_port
+from tests.conftest import SAMPLE, api_server
 
 SAMPLE_LINES = SAMPLE.read_text().splitlines()
 

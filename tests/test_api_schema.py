@@ -7,6 +7,8 @@ The app reads its settings per request, so it serves the session's schema and qu
 
 from __future__ import annotations
 
+from typing import Any
+
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import (
@@ -23,7 +25,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", create_app())
 
 @schema.parametrize()
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_request_makes_a_server_error(case: schemathesis.Case, services: dict[str, str]) -> None:
+def test_no_request_makes_a_server_error(case: schemathesis.Case[Any], services: dict[str, str]) -> None:
     case.call_and_validate(
         checks=[
             not_a_server_error,

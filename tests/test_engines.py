@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import cast
 
 import httpx
 import pytest
 
+from orchestrator.contracts import ChatMessage
 from orchestrator.recipes import OpenAIModel, SamplingSpec, SyntheticModel
-from orchestrator.schemas import ChatMessage
 from orchestrator.settings import FaultSpec, Settings
 from workers.engines import (
     ChatRequest,
@@ -119,7 +120,17 @@ def test_a_dead_engine_is_replaced_on_the_next_request() -> None:
     started: list[Engine] = []
 
     class CrashOnce(SyntheticEngine):
-        """Its first instance dies on its first request, as a vLLM engine whose process was killed."""
+        """Its first instance dies on its first request, as a vLLM engine whose process was killed.
+        It holds a model like vLLM does (the Residency protocol), without a sleep mode."""
+
+        memory_gb = None
+        supports_sleep = False
+
+        async def sleep(self) -> None:
+            raise NotImplementedError
+
+        async def wake(self) -> None:
+            raise NotImplementedError
 
         async def start(self) -> None:
             started.append(self)
@@ -136,7 +147,10 @@ def test_a_dead_engine_is_replaced_on_the_next_request() -> None:
             return not self.dead
 
     spec = SyntheticModel(engine="synthetic")
-    host = engine_host.EngineHost(Settings(), factory=lambda name, spec, settings: CrashOnce(name, spec))
+    host = engine_host.EngineHost(
+        Settings(),
+        factory=lambda name, model, settings: CrashOnce(name, cast(SyntheticModel, model)),
+    )
     try:
         with host.lease("m", spec) as first, pytest.raises(EngineUnavailable, match="died"):
             host.generate(first, request())

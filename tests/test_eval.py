@@ -23,18 +23,18 @@ from sqlalchemy import func, select
 from db import evaluations
 from db.models import Evaluation, Judgment
 from db.session import session_scope
+from orchestrator.contracts import ChatMessage
+from orchestrator.errors import NoVerdict
 from orchestrator.evaluation import load_reference, start_evaluation
 from orchestrator.judging import (
     JUDGE_LOGPROBS,
     JUDGE_SAMPLING,
-    NoVerdict,
     judge_messages,
     resolve_judge,
     shows_model_first,
     verdict_preference,
 )
 from orchestrator.recipes import OpenAIModel, SamplingSpec, SyntheticModel
-from orchestrator.schemas import ChatMessage
 from orchestrator.settings import get_settings
 from tests.conftest import recipe_from_yaml, sample_records, submit, wait_for_job
 from workers.engines import ChatRequest

@@ -16,8 +16,8 @@ import pytest
 from sqlalchemy import update
 from typer.testing import CliRunner, Result
 
-from db import queries
-from db.models import Candidate, Item, Output
+from db import results
+from db.models import Candidate, Item, Job, Output
 from db.session import session_scope
 from orchestrator import exports
 from orchestrator.cli import cli
@@ -73,7 +73,7 @@ def job_id(database_url: str, worker: subprocess.Popen[bytes]) -> str:
     job = wait_for_job(database_url, job_id)
     assert (job.status, job.items_degraded) == ("succeeded", ITEMS), "the failing slot degrades every item"
     with session_scope(database_url) as session:
-        for item, output in queries.job_outputs(session, job_id):
+        for item, output in results.job_outputs(session, job_id):
             assert output is not None
             final = update(Candidate).where(
                 Candidate.item_id == item.id, Candidate.layer == FINAL_LAYER, Candidate.error.is_(None)
@@ -90,10 +90,10 @@ def stored(database_url: str, job_id: str) -> list[tuple[Item, list[Candidate], 
     """The job's items in input order with their candidates and outputs, as the record has them."""
     with session_scope(database_url) as session:
         rows = [
-            (item, list(item.candidates), output) for item, output in queries.job_outputs(session, job_id)
+            (item, list(item.candidates), output) for item, output in results.job_outputs(session, job_id)
         ]
     assert len(rows) == ITEMS and all(output is not None for _, _, output in rows)
-    return rows
+    return [(item, candidates, output) for item, candidates, output in rows if output is not None]
 
 
 def download(tmp_path: Path, api_url: str, job_id: str, fmt: str, *extra: str) -> Path:
@@ -184,7 +184,7 @@ def test_parquet_round_trips_with_the_metadata_in_the_file(
     path = download(tmp_path, api_url, job_id, "parquet")
     assert path.read_bytes()[:4] == b"PAR1", "the file is written unchanged"
     table = pq.read_table(path)
-    expected = [
+    expected: list[dict[str, Any]] = [
         {
             "id": item.external_id,
             "instruction": item.instruction,
@@ -211,11 +211,10 @@ def test_parquet_streams_a_row_group_per_page(
 ) -> None:
     monkeypatch.setattr(exports, "PAGE_SIZE", 4)
     with session_scope(database_url) as session:
-        job = queries.get_job(session, job_id)
-    export = open_export(database_url, job, ExportFormat.PARQUET)
-    first = next(export.chunks)
-    assert first[:4] == b"PAR1", "the first row group leaves before the rest is read"
-    body = first + b"".join(export.chunks)
+        export = open_export(session, session.get_one(Job, job_id), ExportFormat.PARQUET)
+        first = next(export.chunks)
+        assert first[:4] == b"PAR1", "the first row group leaves before the rest is read"
+        body = first + b"".join(export.chunks)
     parquet = pq.ParquetFile(io.BytesIO(body))
     assert parquet.num_row_groups == 2
     assert parquet.read().column("id").to_pylist() == [f"p{i}" for i in range(ITEMS)]
@@ -247,7 +246,7 @@ def test_alpaca_eval_stays_a_plain_list_and_jsonl_has_no_metadata_line(
     tmp_path: Path, api_url: str, database_url: str, job_id: str
 ) -> None:
     alpaca = json.loads(download(tmp_path, api_url, job_id, "alpaca_eval").read_text())
-    expected = [
+    expected: list[dict[str, Any]] = [
         {
             "id": item.external_id,
             "instruction": item.instruction,

@@ -11,7 +11,7 @@ import uuid
 
 from sqlalchemy import func, select
 
-from db import queries
+from db import progress, results
 from db.models import Candidate, Item, Output
 from db.session import session_scope
 from orchestrator.canvas import dispatch
@@ -63,7 +63,7 @@ def expected_digest(
 def job_rows(database_url: str, job_id: str) -> list[tuple[Item, list[Candidate], Output | None]]:
     with session_scope(database_url) as session:
         rows = []
-        for item, output in queries.job_outputs(session, job_id):
+        for item, output in results.job_outputs(session, job_id):
             rows.append((item, list(item.candidates), output))
         return rows
 
@@ -126,7 +126,7 @@ def test_the_same_job_dispatched_twice_is_not_duplicated(
     assert after == before
     assert {o.item_id: (o.id, o.text) for _, _, o in rows if o} == outputs_before
     with session_scope(database_url) as session:
-        assert queries.count_rows(session, job_id) == {"items": 6, "candidates": 18, "outputs": 6}
+        assert progress.count_rows(session, job_id) == {"items": 6, "candidates": 18, "outputs": 6}
 
 
 def test_the_same_input_submitted_twice_makes_two_separate_jobs(
@@ -141,7 +141,7 @@ def test_the_same_input_submitted_twice_makes_two_separate_jobs(
     assert texts[0] == texts[1], "same prompts, same seeds: the synthetic engine is deterministic"
     with session_scope(database_url) as session:
         for job_id in (first, second):
-            assert queries.count_rows(session, job_id) == {"items": 3, "candidates": 9, "outputs": 3}
+            assert progress.count_rows(session, job_id) == {"items": 3, "candidates": 9, "outputs": 3}
 
 
 def test_a_proposer_that_always_fails_gives_degraded_items(

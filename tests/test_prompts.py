@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from orchestrator.errors import PromptTooLong
 from orchestrator.prompts import (
-    PromptTooLong,
     aggregator_prompt,
     build_stage_prompt,
     fit_references,

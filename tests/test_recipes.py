@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.recipes import RecipeError, VllmModel, available_recipes, load_recipe, parse_recipe
+from orchestrator.errors import RecipeError
+from orchestrator.recipes import VllmModel, available_recipes, load_recipe, parse_recipe
 from orchestrator.settings import PROJECT_ROOT
 
 RECIPES = PROJECT_ROOT / "recipes"

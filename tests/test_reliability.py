@@ -25,17 +25,19 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from db import queries
+from db import progress, results
 from db.migrate import upgrade
 from db.models import FINAL_JOB_STATUSES
 from db.session import session_scope
 from orchestrator.celery_app import app as celery_app
 from orchestrator.celery_app import configure
+from orchestrator.contracts import RetryStage
 from orchestrator.embedded import private_redis
-from orchestrator.jobs import create_job, enqueue_job
-from orchestrator.recovery import NotRetryable, RetryStage, retry_job, sweep
+from orchestrator.errors import NotRetryable
+from orchestrator.recovery import retry_job, sweep
 from orchestrator.settings import get_settings
-from tests.conftest import recipe_from_yaml, sample_records
+from orchestrator.submission import enqueue_job
+from tests.conftest import recipe_from_yaml, sample_records, store
 
 RECIPE = """
 name: reliability
@@ -139,7 +141,7 @@ def fault_env(faults: dict[str, dict[str, float]], retries: int) -> dict[str, st
 
 def job_state(database_url: str, job_id: str) -> Any:
     with session_scope(database_url) as session:
-        return queries.get_job(session, job_id)
+        return progress.get_job(session, job_id)
 
 
 def done_items(database_url: str, job_id: str) -> int:
@@ -174,12 +176,12 @@ def finish_with_sweeps(database_url: str, job_id: str, timeout: float = 180.0) -
 def assert_complete_and_unique(database_url: str, job_id: str, items: int, slots: int = 3) -> None:
     """Every item has exactly its slots, each once and finished, and exactly one output."""
     with session_scope(database_url) as session:
-        assert queries.count_rows(session, job_id) == {
+        assert progress.count_rows(session, job_id) == {
             "items": items,
             "candidates": items * slots,
             "outputs": items,
         }
-        for item, output in queries.job_outputs(session, job_id):
+        for item, output in results.job_outputs(session, job_id):
             assert sorted((c.layer, c.slot) for c in item.candidates) == [(0, s) for s in range(slots)]
             assert all(c.ok for c in item.candidates), [c.error for c in item.candidates]
             assert output is not None and item.status == "succeeded"
@@ -188,7 +190,7 @@ def assert_complete_and_unique(database_url: str, job_id: str, items: int, slots
 def test_killing_the_worker_repeatedly_loses_nothing(database_url: str, worker_factory: Any) -> None:
     worker = worker_factory()
     worker.start()
-    job_id = create_job(database_url, recipe(150), sample_records(40))
+    job_id = store(database_url, recipe(150), sample_records(40))
     enqueue_job(job_id)
     for kill_at in (5, 15, 25):
         wait_until(lambda n=kill_at: done_items(database_url, job_id) >= n, 120, f"{kill_at} items done")
@@ -206,7 +208,7 @@ def test_a_flushed_broker_is_recovered_by_the_sweep(
 ) -> None:
     worker = worker_factory()
     worker.start()
-    job_id = create_job(database_url, recipe(150), sample_records(30))
+    job_id = store(database_url, recipe(150), sample_records(30))
     enqueue_job(job_id)
     wait_until(lambda: done_items(database_url, job_id) >= 5, 120, "5 items done")
     redis.Redis.from_url(private_broker["REDIS_URL"]).flushall()
@@ -222,7 +224,7 @@ def test_concurrent_sweeps_with_a_live_worker_create_no_duplicates(
     worker = worker_factory()
     worker.start()
     # Stored but never enqueued: as if the dispatch message was lost with the broker.
-    job_id = create_job(database_url, recipe(50), sample_records(25))
+    job_id = store(database_url, recipe(50), sample_records(25))
     time.sleep(1.1)
     results: list[Any] = []
 
@@ -248,7 +250,7 @@ def candidates_by_slot(
     with session_scope(database_url) as session:
         return {
             (c.item_id, c.layer, c.slot): (c.id, c.text, c.created_at)
-            for item, _ in queries.job_outputs(session, job_id)
+            for item, _ in results.job_outputs(session, job_id)
             for c in item.candidates
             if c.ok
         }
@@ -259,14 +261,14 @@ def test_injected_faults_are_retried_and_a_retry_reuses_finished_candidates(
 ) -> None:
     flaky = worker_factory(fault_env({"flaky": {"error_rate": 0.2}}, retries=8))
     flaky.start()
-    job_id = create_job(database_url, recipe(0), sample_records(30))
+    job_id = store(database_url, recipe(0), sample_records(30))
     enqueue_job(job_id)
     job, _ = finish_with_sweeps(database_url, job_id)
     assert (job.status, job.items_succeeded) == ("succeeded", 30), "20 % faults are absorbed by retries"
     with session_scope(database_url) as session:
         attempts = [
             c.attempt
-            for item, _ in queries.job_outputs(session, job_id)
+            for item, _ in results.job_outputs(session, job_id)
             for c in item.candidates
             if c.model == "flaky"
         ]
@@ -275,7 +277,7 @@ def test_injected_faults_are_retried_and_a_retry_reuses_finished_candidates(
 
     broken = worker_factory(fault_env({"flaky": {"error_rate": 1.0}}, retries=1))
     broken.start()
-    job_id = create_job(database_url, recipe(0), sample_records(12))
+    job_id = store(database_url, recipe(0), sample_records(12))
     enqueue_job(job_id)
     job, _ = finish_with_sweeps(database_url, job_id)
     assert (job.status, job.items_degraded) == ("succeeded", 12)
@@ -285,7 +287,8 @@ def test_injected_faults_are_retried_and_a_retry_reuses_finished_candidates(
 
     healthy = worker_factory()
     healthy.start()
-    result = retry_job(database_url, job_id)
+    with session_scope(database_url) as session:
+        result = retry_job(session, job_id)
     assert result.items_reopened == 12 and len(result.proposer_items) == 12
     job, _ = finish_with_sweeps(database_url, job_id)
     assert (job.status, job.items_succeeded, job.items_degraded) == ("succeeded", 12, 0)
@@ -355,7 +358,7 @@ def test_workers_reconnect_after_a_database_restart(
     url, restart = private_postgres
     worker = worker_factory({"DATABASE_URL": url})
     worker.start()
-    job_id = create_job(url, recipe(150), sample_records(30))
+    job_id = store(url, recipe(150), sample_records(30))
     enqueue_job(job_id)
 
     def progressed(n: int) -> bool:
@@ -391,14 +394,14 @@ def test_hung_requests_time_out_and_are_retried(database_url: str, worker_factor
     faults = {"flaky": {"hang_rate": 0.3, "hang_seconds": 30}}
     worker = worker_factory({**fault_env(faults, retries=8), "ENGINE_REQUEST_TIMEOUT_S": "0.5"})
     worker.start()
-    job_id = create_job(database_url, recipe(0), sample_records(12))
+    job_id = store(database_url, recipe(0), sample_records(12))
     enqueue_job(job_id)
     job, _ = finish_with_sweeps(database_url, job_id)
     assert (job.status, job.items_succeeded) == ("succeeded", 12)
     with session_scope(database_url) as session:
         flaky = [
             c
-            for item, _ in queries.job_outputs(session, job_id)
+            for item, _ in results.job_outputs(session, job_id)
             for c in item.candidates
             if c.model == "flaky"
         ]
@@ -410,7 +413,7 @@ def test_a_worker_with_beat_sweeps_by_itself(database_url: str, worker_factory: 
     worker = worker_factory({"RECOVERY_INTERVAL_S": "1", "RECOVERY_GRACE_S": "1"}, args=("--beat",))
     worker.start()
     # Stored but never enqueued: only the periodic sweep can start it.
-    job_id = create_job(database_url, recipe(0), sample_records(5))
+    job_id = store(database_url, recipe(0), sample_records(5))
     wait_until(
         lambda: job_state(database_url, job_id).status == "succeeded", 120, "the beat sweep to finish the job"
     )
@@ -420,7 +423,7 @@ def test_a_worker_with_beat_sweeps_by_itself(database_url: str, worker_factory: 
 def test_retrying_a_failed_aggregator_keeps_the_pool(database_url: str, worker_factory: Any) -> None:
     broken = worker_factory(fault_env({"synth-agg": {"error_rate": 1.0}}, retries=1))
     broken.start()
-    job_id = create_job(database_url, recipe(0), sample_records(6))
+    job_id = store(database_url, recipe(0), sample_records(6))
     enqueue_job(job_id)
     job, _ = finish_with_sweeps(database_url, job_id)
     assert (job.status, job.items_failed) == ("failed", 6)
@@ -430,12 +433,13 @@ def test_retrying_a_failed_aggregator_keeps_the_pool(database_url: str, worker_f
 
     healthy = worker_factory()
     healthy.start()
-    result = retry_job(database_url, job_id, stage=RetryStage.AGGREGATOR)
+    with session_scope(database_url) as session:
+        result = retry_job(session, job_id, stage=RetryStage.AGGREGATOR)
     assert (result.items_reopened, result.proposer_items, len(result.aggregator_items)) == (6, [], 6)
     assert job_state(database_url, job_id).status == "running"
     job, _ = finish_with_sweeps(database_url, job_id)
     assert (job.status, job.items_succeeded, job.items_failed) == ("succeeded", 6, 0)
     assert candidates_by_slot(database_url, job_id) == before, "the pool was not regenerated"
     assert_complete_and_unique(database_url, job_id, 6)
-    with pytest.raises(NotRetryable, match="are not items of job"):
-        retry_job(database_url, job_id, item_ids=[-1])
+    with pytest.raises(NotRetryable, match="are not items of job"), session_scope(database_url) as session:
+        retry_job(session, job_id, item_ids=[-1])

@@ -22,12 +22,11 @@ from db.models import Candidate, EngineLoad, Item
 from db.session import session_scope
 from orchestrator.celery_app import TASK_DISPATCH
 from orchestrator.celery_app import app as celery_app
-from orchestrator.jobs import create_job
 from orchestrator.planning import plan_memory
 from orchestrator.recipes import Recipe, SyntheticModel
 from orchestrator.routing import ModelQueues
 from orchestrator.settings import Settings, get_settings
-from tests.conftest import recipe_from_yaml, sample_records, stop_process, wait_for_job
+from tests.conftest import recipe_from_yaml, sample_records, stop_process, store, wait_for_job
 from workers.affinity import AffinityScheduler
 from workers.engine_host import EngineHost, LoadEvent
 from workers.engines import ChatRequest, EngineOutOfMemory, EngineUnavailable, Generation, ModelTooLarge
@@ -39,14 +38,17 @@ def spec(memory_gb: float) -> SyntheticModel:
 
 
 def request() -> ChatRequest:
+    from orchestrator.contracts import ChatMessage
     from orchestrator.recipes import SamplingSpec
-    from orchestrator.schemas import ChatMessage
 
     return ChatRequest.build("r", [ChatMessage(role="user", content="hi")], SamplingSpec(max_tokens=4))
 
 
 class Sleepy(SyntheticEngine):
-    """A synthetic engine with a sleep mode, as vLLM has on a GPU."""
+    """A synthetic engine with a sleep mode, as vLLM has on a GPU (the Residency protocol)."""
+
+    alive = True
+    memory_gb = None
 
     @property
     def supports_sleep(self) -> bool:
@@ -357,7 +359,7 @@ def budget_worker(
 
 
 def run_job(database_url: str, control: str, recipe: Recipe, items: int) -> str:
-    job_id = create_job(database_url, recipe, sample_records(items), name="residency")
+    job_id = store(database_url, recipe, sample_records(items), name="residency")
     celery_app.send_task(TASK_DISPATCH, args=(job_id,), queue=control)
     return job_id
 

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import yaml
 
-from db import queries
+from db import results
 from db.session import session_scope
 from orchestrator.recipes import parse_recipe
 from orchestrator.settings import PROJECT_ROOT
@@ -29,7 +29,7 @@ def test_embedded_recipe_on_vllm(database_url: str, worker: subprocess.Popen[byt
     assert (job.status, job.items_succeeded) == ("succeeded", 3)
 
     with session_scope(database_url) as session:
-        for item, output in queries.job_outputs(session, job_id):
+        for item, output in results.job_outputs(session, job_id):
             candidates = item.candidates
             assert [(c.layer, c.slot, c.model) for c in candidates] == [(0, s, "smollm2") for s in range(3)]
             texts = [c.text or "" for c in candidates]

@@ -174,12 +174,12 @@ class AffinityStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self._thread: threading.Thread | None = None
 
     def start(self, parent: Any) -> None:
-        from orchestrator.settings import get_settings
-        from workers.tasks import engine_host
+        from workers.stage_runner import engine_host
 
-        settings = get_settings()
+        host = engine_host()
+        settings = host.settings
         self._stopped.clear()
-        scheduler = AffinityScheduler(settings, engine_host(), _ConsumerSwitch(parent))
+        scheduler = AffinityScheduler(settings, host, _ConsumerSwitch(parent))
         # A consumer restarted after a broker outage keeps consuming the model queues it had.
         prefix = f"{settings.queue_inference}."
         scheduler.consuming = {q for q in parent.app.amqp.queues.consume_from or {} if q.startswith(prefix)}

@@ -10,6 +10,12 @@ reports once started) against the worker's budget. A model that does not fit evi
 recently used idle engines: put to sleep where the engine supports it (vLLM on GPU: weights to host
 memory, woken in about a second), closed otherwise. An out-of-memory error at load lowers the budget
 to what was resident and tries again with fewer models, instead of failing the same way forever.
+
+Outcomes: `attempt` is the one place where a stage's exceptions become outcomes (`workers.outcomes`):
+whatever the load, the prompt or the generation raises comes back as a `Failure`, transient or
+permanent. A model whose load failed permanently is remembered for `LOAD_FAILURE_TTL_S`, so its
+stages fail at once instead of each paying for a load that cannot work. Start, wake, sleep and close
+have time limits: a hung load frees the load lock when its limit passes.
 """
 
 from __future__ import annotations
@@ -34,18 +40,22 @@ from workers.engines import (
     Generation,
     ModelTooLarge,
     create_engine,
+    residency,
 )
 from workers.metrics import (
     ENGINE_EVICTIONS,
     ENGINE_IN_FLIGHT,
+    ENGINE_LOAD_FAILED,
+    ENGINE_LOAD_FAILURES,
     ENGINE_LOAD_SECONDS,
     ENGINE_LOADS,
     ENGINE_UNLOAD_SECONDS,
     OFFERED_BATCH,
     RESIDENT_GB,
 )
+from workers.outcomes import Failure, classify
 
-__all__ = ["EngineHost", "LoadEvent"]
+__all__ = ["EngineHost", "LoadEvent", "LoadFailed", "Spec"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,14 +65,24 @@ EngineKey = tuple[str, Spec]
 
 @dataclass(frozen=True)
 class LoadEvent:
-    """One model made ready on this worker: a cold load or a wake, and what it evicted to fit."""
+    """One model made ready on this worker (a cold load or a wake, and what it evicted to fit), or a
+    load that failed (`error` says why)."""
 
     model: str
-    kind: Literal["load", "wake"]
+    kind: Literal["load", "wake", "failed"]
     seconds: float
     evicted: list[str]
     unload_seconds: float
     job_id: str | None
+    error: str | None = None
+
+
+class LoadFailed(Exception):
+    """A model could not be made ready; `failure` is the outcome its stages record."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
 
 
 @dataclass
@@ -112,14 +132,63 @@ class EngineHost:
         # Separate from the others: counting must not wait for a model to load.
         self._count_lock = threading.Lock()
         self._traffic: dict[str, _Traffic] = {}
+        # Permanent load failures still remembered: model -> (until, failure).
+        self._failed_loads: dict[str, tuple[float, Failure]] = {}
 
-    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None, what: str = "answer") -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError as exc:
             future.cancel()
-            raise EngineUnavailable(f"no answer within {timeout:.0f} s") from exc
+            raise EngineUnavailable(f"no {what} within {timeout:g} s") from exc
+
+    # Outcomes
+
+    def attempt(
+        self, name: str, spec: Spec, prepare: Callable[[Engine], ChatRequest], job_id: str | None = None
+    ) -> Generation | Failure:
+        """One attempt of a stage on `name`: lease (load or wake), build the request with `prepare`,
+        generate. Every exception on the way comes back as a Failure."""
+        during = "loading"
+        try:
+            with self.lease(name, spec, job_id) as engine:
+                during = "building the prompt"
+                request = prepare(engine)
+                during = "generating"
+                return self.generate(engine, request)
+        except LoadFailed as exc:
+            return exc.failure
+        except Exception as exc:
+            return classify(exc, name, during)
+
+    def failed_loads(self) -> dict[str, str]:
+        """Models whose permanent load failure is remembered, with the loader's message."""
+        now = time.monotonic()
+        with self._state:
+            return {name: f.message for name, (until, f) in self._failed_loads.items() if until > now}
+
+    def _remembered_failure(self, name: str) -> Failure | None:
+        with self._state:
+            until, failure = self._failed_loads.get(name, (0.0, None))
+            if failure is not None and until <= time.monotonic():
+                del self._failed_loads[name]
+                ENGINE_LOAD_FAILED.labels(name).set(0)
+                return None
+            return failure
+
+    def _load_failed(self, name: str, exc: Exception, seconds: float, job_id: str | None) -> LoadFailed:
+        """Turn a load's exception into its outcome; remember it if permanent, and record it."""
+        failure = classify(exc, name, "loading")
+        ENGINE_LOAD_FAILURES.labels(name).inc()
+        if not failure.transient and self.settings.load_failure_ttl_s > 0:
+            with self._state:
+                self._failed_loads[name] = (time.monotonic() + self.settings.load_failure_ttl_s, failure)
+            ENGINE_LOAD_FAILED.labels(name).set(1)
+        log.warning("loading %s failed (%s): %s", name, failure.kind, failure.message)
+        if self._on_load is not None:
+            self._on_load(LoadEvent(name, "failed", seconds, [], 0.0, job_id, error=failure.message))
+        return LoadFailed(failure)
 
     # Residency
 
@@ -155,6 +224,9 @@ class EngineHost:
             else:
                 resident = None
         if resident is None:
+            remembered = self._remembered_failure(name)
+            if remembered is not None:
+                raise LoadFailed(remembered)
             resident = self._admit(key, job_id)
         try:
             if resident.slots is None:
@@ -177,6 +249,10 @@ class EngineHost:
                 if resident is not None and not resident.asleep:
                     resident.leases += 1
                     return resident
+            # Stages that waited for the lock while this model failed to load fail with it, at once.
+            remembered = self._remembered_failure(name)
+            if remembered is not None:
+                raise LoadFailed(remembered)
             need = float(spec.memory_gb or 0.0)
             evicted: list[str] = []
             unload_s = 0.0
@@ -192,7 +268,7 @@ class EngineHost:
                     with self._state:
                         others = self._used_gb()
                     if others == 0:
-                        raise
+                        raise self._load_failed(name, exc, time.perf_counter() - started, job_id) from exc
                     # The device holds less than the budget said: what was resident becomes the
                     # budget, so this model loads only after others made room for it (alone at worst).
                     self.budget_gb = max(others, need)
@@ -203,6 +279,8 @@ class EngineHost:
                         exc,
                         self.budget_gb,
                     )
+                except Exception as exc:
+                    raise self._load_failed(name, exc, time.perf_counter() - started, job_id) from exc
             seconds = time.perf_counter() - started
             ENGINE_LOADS.labels(name).inc()
             ENGINE_LOAD_SECONDS.labels(name).observe(seconds)
@@ -216,8 +294,9 @@ class EngineHost:
         name, spec = key
         with self._state:
             sleeping = self._engines.get(key)
-        if sleeping is not None:
-            self._run(sleeping.engine.wake())
+        control = residency(sleeping.engine) if sleeping is not None else None
+        if sleeping is not None and control is not None:
+            self._run(control.wake(), self.settings.engine_wake_timeout_s, f"wake of {name}")
             with self._state:
                 sleeping.asleep = False
                 sleeping.leases += 1
@@ -225,11 +304,13 @@ class EngineHost:
         log.info("starting engine %s (%s)", name, spec.engine)
         engine = self._factory(name, spec, self.settings)
         try:
-            self._run(engine.start())
+            self._run(engine.start(), self.settings.engine_start_timeout_s, f"start of {name}")
         except BaseException:
-            self._run(engine.close())
+            self._close(engine)
             raise
-        memory = engine.memory_gb if engine.memory_gb is not None else need
+        control = residency(engine)
+        reported = control.memory_gb if control is not None else None
+        memory = reported if reported is not None else need
         slots = threading.BoundedSemaphore(spec.max_in_flight) if spec.max_in_flight else None
         resident = _Resident(engine, memory, slots, leases=1)
         with self._state:
@@ -260,7 +341,8 @@ class EngineHost:
                 _, key = min(idle, key=lambda entry: entry[0])
                 victim = self._engines[key]
                 # Out of the table (or asleep) before unloading: no new lease can pick it up.
-                if victim.engine.supports_sleep:
+                control = residency(victim.engine)
+                if control is not None and control.supports_sleep:
                     victim.asleep = True
                 else:
                     del self._engines[key]
@@ -274,12 +356,20 @@ class EngineHost:
             RESIDENT_GB.set(self.used_gb())
 
     def _unload(self, victim: _Resident) -> None:
-        if victim.asleep:
-            self._run(victim.engine.sleep())
+        control = residency(victim.engine)
+        if victim.asleep and control is not None:
+            self._run(control.sleep(), self.settings.engine_sleep_timeout_s, f"sleep of {victim.engine.name}")
             log.info("put %s to sleep", victim.engine.name)
         else:
-            self._run(victim.engine.close())
+            self._close(victim.engine)
             log.info("unloaded %s", victim.engine.name)
+
+    def _close(self, engine: Engine) -> None:
+        """Close an engine within its time limit; one that will not close is left behind, logged."""
+        try:
+            self._run(engine.close(), self.settings.engine_close_timeout_s, f"close of {engine.name}")
+        except Exception:
+            log.exception("closing engine %s failed", engine.name)
 
     # Requests
 
@@ -295,7 +385,7 @@ class EngineHost:
         try:
             return self._run(engine.generate(request), self.settings.engine_request_timeout_s)
         except EngineUnavailable:
-            if not engine.alive:
+            if not _alive(engine):
                 self._replace(engine)
             raise
         finally:
@@ -308,7 +398,7 @@ class EngineHost:
     def check_liveness(self) -> list[str]:
         """Drop engines whose process died, so that the next request starts a fresh one; their names."""
         with self._state:
-            dead = [r.engine for r in self._engines.values() if not r.asleep and not r.engine.alive]
+            dead = [r.engine for r in self._engines.values() if not r.asleep and not _alive(r.engine)]
         for engine in dead:
             self._replace(engine)
         return [engine.name for engine in dead]
@@ -329,8 +419,11 @@ class EngineHost:
             engines = [r.engine for r in self._engines.values()]
             self._engines.clear()
         for engine in engines:
-            try:
-                self._run(engine.close(), timeout=60)
-            except Exception:  # shutting down: one engine failing to close must not keep the others
-                log.exception("closing engine %s failed", engine.name)
+            # Shutting down: one engine failing to close must not keep the others.
+            self._close(engine)
         self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def _alive(engine: Engine) -> bool:
+    control = residency(engine)
+    return control is None or control.alive

@@ -11,6 +11,8 @@ __all__ = [
     "ENGINE_EVICTIONS",
     "ENGINE_IN_FLIGHT",
     "ENGINE_LOADS",
+    "ENGINE_LOAD_FAILED",
+    "ENGINE_LOAD_FAILURES",
     "ENGINE_LOAD_SECONDS",
     "ENGINE_UNLOAD_SECONDS",
     "OFFERED_BATCH",
@@ -35,6 +37,14 @@ ENGINE_UNLOAD_SECONDS = Histogram(
     "Seconds to unload (or put to sleep) an evicted model.",
     ["model"],
     buckets=(0.01, 0.1, 1, 5, 10, 30, 60),
+)
+ENGINE_LOAD_FAILURES = Counter(
+    "slimmoa_engine_load_failures", "Loads that failed, transient or permanent.", ["model"]
+)
+ENGINE_LOAD_FAILED = Gauge(
+    "slimmoa_engine_load_failed",
+    "1 while this worker remembers a permanent load failure of the model (its stages fail at once).",
+    ["model"],
 )
 RESIDENT_GB = Gauge("slimmoa_resident_gb", "Memory of the models resident in this worker, GB (estimated).")
 ENGINE_IN_FLIGHT = Gauge("slimmoa_engine_in_flight", "Generations in flight per model.", ["model"])

@@ -15,10 +15,10 @@ from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.api import health, jobs, recipes
+from orchestrator.api.bodies import JobCreate, JobUpload, Problem
 from orchestrator.api.deps import require_token
 from orchestrator.api.metrics import RequestMetrics, metrics_router
 from orchestrator.api.problems import install_handlers, problem_response
-from orchestrator.api.schemas import JobCreate, JobUpload, Problem
 from orchestrator.settings import Settings, get_settings
 
 __all__ = ["create_app"]
@@ -117,7 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1.include_router(recipes.router)
     app.include_router(v1)
     app.include_router(health.router)
-    install_handlers(app)
+    install_handlers(app, chosen)
     registry = CollectorRegistry()
     app.include_router(metrics_router(registry, settings))
     app.add_middleware(BodySizeLimit, limit=chosen.max_request_bytes)

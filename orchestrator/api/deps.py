@@ -12,8 +12,8 @@ from fastapi import Depends, Path, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from db import queries
 from db.models import Job
+from db.progress import get_job
 from db.session import session_scope
 from orchestrator.api.problems import ProblemError
 from orchestrator.settings import Settings, get_settings
@@ -52,7 +52,7 @@ _JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def get_job_or_404(session: SessionDep, job_id: Annotated[str, Path(description="The job's id.")]) -> Job:
-    job = queries.get_job(session, job_id) if _JOB_ID.fullmatch(job_id) else None
+    job = get_job(session, job_id) if _JOB_ID.fullmatch(job_id) else None
     if job is None:
         raise ProblemError(404, f"job {job_id!r} not found")
     return job

@@ -9,8 +9,8 @@ from sqlalchemy import text
 
 from db.migrate import schema_is_current
 from db.session import get_engine
+from orchestrator.api.bodies import HealthPublic
 from orchestrator.api.deps import SettingsDep
-from orchestrator.api.schemas import HealthPublic
 from orchestrator.settings import Settings
 
 __all__ = ["router"]

@@ -9,13 +9,14 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from orchestrator.api.bodies import JobCreate
 from orchestrator.api.problems import ProblemError, validation_problem
-from orchestrator.api.schemas import JobCreate
-from orchestrator.inputs import InputError, parse_records
-from orchestrator.jobs import Submission
-from orchestrator.recipes import Recipe, RecipeError, available_recipes, load_recipe, parse_recipe
-from orchestrator.schemas import InputRecord
+from orchestrator.contracts import InputRecord
+from orchestrator.errors import InputError, RecipeError
+from orchestrator.inputs import parse_records
+from orchestrator.recipes import Recipe, available_recipes, load_recipe, parse_recipe
 from orchestrator.settings import Settings
+from orchestrator.submission import Submission
 
 __all__ = ["read_submission", "resolve_recipe"]
 

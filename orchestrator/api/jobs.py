@@ -9,14 +9,11 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from db import queries, residency
+from db import progress, residency
 from db.models import ItemStatus, JobStatus
-from db.session import session_scope
-from orchestrator.api.deps import JobDep, PageDep, SessionDep, SettingsDep
-from orchestrator.api.intake import read_submission
-from orchestrator.api.problems import ProblemError
-from orchestrator.api.schemas import (
+from orchestrator.api.bodies import (
     MAX_ID,
+    NOTICE_HEADER,
     EngineLoadsPublic,
     ItemDetailPublic,
     ItemPublic,
@@ -29,20 +26,26 @@ from orchestrator.api.schemas import (
     RetryCreate,
     RetryResult,
 )
+from orchestrator.api.deps import JobDep, PageDep, SessionDep, SettingsDep
+from orchestrator.api.intake import read_submission
+from orchestrator.api.problems import ProblemError
 from orchestrator.exports import (
     MEDIA_TYPES,
     METADATA_HEADER,
-    ExportError,
     ExportFormat,
     Rejected,
     open_export,
 )
-from orchestrator.jobs import submit_job
-from orchestrator.recovery import JobNotFound, NotRetryable, retry_job
+from orchestrator.recovery import retry_job
+from orchestrator.submission import submit_job
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+UNDISPATCHED_NOTICE = (
+    "job stored; the broker is unreachable, the recovery sweep dispatches it when it is back"
+)
 
 _SUBMIT_BODY: dict[str, Any] = {
     "requestBody": {
@@ -74,12 +77,18 @@ _EXPORT: dict[str, Any] = {
     openapi_extra=_SUBMIT_BODY,
     responses={
         200: {"model": JobPublic, "description": "A retried submit: the first job."},
+        202: {
+            "model": JobPublic,
+            "description": "Stored, but the broker could not be reached: the recovery sweep dispatches "
+            f"the job once it is back (the {NOTICE_HEADER} header says so).",
+        },
         415: {"model": Problem},
     },
 )
-async def create_job(
+async def post_job(
     request: Request,
     response: Response,
+    session: SessionDep,
     settings: SettingsDep,
     idempotency_key: Annotated[
         str | None,
@@ -88,36 +97,35 @@ async def create_job(
 ) -> JobPublic:
     """Validate the recipe and every item, store the job and its items in one transaction, then enqueue."""
     submission = await read_submission(request, settings)
-    job_id, created = await run_in_threadpool(submit_job, settings.database_url, submission, idempotency_key)
-    if not created:
+    submitted = await run_in_threadpool(submit_job, session, submission, idempotency_key)
+    if not submitted.created:
         response.status_code = 200
-    return await run_in_threadpool(_job_public, settings.database_url, job_id)
-
-
-def _job_public(database_url: str, job_id: str) -> JobPublic:
-    with session_scope(database_url) as session:
-        return JobPublic.model_validate(queries.get_job(session, job_id))
+    elif not submitted.dispatched:
+        # Stored, not yet sent: the recovery sweep dispatches it once the broker answers again.
+        response.status_code = 202
+        response.headers[NOTICE_HEADER] = UNDISPATCHED_NOTICE
+    return JobPublic.model_validate(submitted.job)
 
 
 @router.get("", response_model=JobsPublic)
 def list_jobs(session: SessionDep, page: PageDep, status: JobStatus | None = None) -> JobsPublic:
-    jobs, count = queries.list_jobs(session, status=status, offset=page.offset, limit=page.limit)
+    jobs, count = progress.list_jobs(session, status=status, offset=page.offset, limit=page.limit)
     return JobsPublic(data=[JobPublic.model_validate(job) for job in jobs], count=count)
 
 
 @router.get("/{job_id}", response_model=JobDetailPublic, responses=_NOT_FOUND)
 def read_job(job: JobDep, session: SessionDep) -> JobDetailPublic:
     """The job with its progress: counts per stage and status, tokens, rate and ETA."""
-    progress = ProgressPublic.of(job, queries.job_counts(session, job.id))
+    counts = ProgressPublic.of(job, progress.job_counts(session, job.id))
     loads = EngineLoadsPublic(**asdict(residency.load_stats(session, job.id)))
-    return JobDetailPublic(**JobPublic.model_validate(job).model_dump(), progress=progress, engine=loads)
+    return JobDetailPublic(**JobPublic.model_validate(job).model_dump(), progress=counts, engine=loads)
 
 
 @router.get("/{job_id}/items", response_model=ItemsPublic, responses=_NOT_FOUND)
 def list_items(
     job: JobDep, session: SessionDep, page: PageDep, status: ItemStatus | None = None
 ) -> ItemsPublic:
-    items, count = queries.list_items(session, job.id, status=status, offset=page.offset, limit=page.limit)
+    items, count = progress.list_items(session, job.id, status=status, offset=page.offset, limit=page.limit)
     return ItemsPublic(data=[ItemPublic.model_validate(item) for item in items], count=count)
 
 
@@ -126,7 +134,7 @@ def read_item(
     job: JobDep, session: SessionDep, item_id: Annotated[int, Path(ge=1, le=MAX_ID)]
 ) -> ItemDetailPublic:
     """The item with its whole candidate pool, per layer, and its output."""
-    item = queries.get_item(session, item_id)
+    item = progress.get_item(session, item_id)
     if item is None or item.job_id != job.id:
         raise ProblemError(404, f"item {item_id} not found in job {job.id}")
     return ItemDetailPublic.of(item, item.output)
@@ -140,7 +148,6 @@ def read_item(
 def read_results(
     job: JobDep,
     session: SessionDep,
-    settings: SettingsDep,
     format: Annotated[ExportFormat, Query()] = ExportFormat.JSONL,
     rejected: Annotated[
         str,
@@ -152,11 +159,7 @@ def read_results(
     ] = "shortest",
 ) -> StreamingResponse:
     """Stream the finished items (the job may still run) in one of the export formats."""
-    try:
-        export = open_export(settings.database_url, job, format, Rejected.parse(rejected))
-    except ExportError as exc:
-        raise ProblemError(422, str(exc), [str(exc)]) from None
-    session.close()  # the export reads in pages of its own; hold no connection while the client reads
+    export = open_export(session, job, format, Rejected.parse(rejected))
     headers = {
         "Content-Disposition": f'attachment; filename="{export.filename}"',
         METADATA_HEADER: export.metadata.header(),
@@ -167,7 +170,7 @@ def read_results(
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=_CONFLICT)
 def cancel_job(job: JobDep, session: SessionDep) -> JobPublic:
     """Cancel: queued stages are dropped, running ones finish, the job ends `cancelled`."""
-    if job.status != JobStatus.CANCELLED and not queries.cancel_job(session, job.id):
+    if job.status != JobStatus.CANCELLED and not progress.cancel_job(session, job.id):
         session.refresh(job)
         raise ProblemError(409, f"job {job.id} already ended {job.status}")
     session.commit()
@@ -176,12 +179,7 @@ def cancel_job(job: JobDep, session: SessionDep) -> JobPublic:
 
 
 @router.post("/{job_id}/retry", response_model=RetryResult, responses=_CONFLICT)
-def retry(job: JobDep, settings: SettingsDep, retry_in: RetryCreate | None = None) -> RetryResult:
+def retry(job: JobDep, session: SessionDep, retry_in: RetryCreate | None = None) -> RetryResult:
     """Re-run the failed stages of a job (all, or only the named items)."""
     chosen = retry_in or RetryCreate()
-    try:
-        return retry_job(settings.database_url, job.id, stage=chosen.stage, item_ids=chosen.items)
-    except JobNotFound:
-        raise ProblemError(404, f"job {job.id!r} not found") from None
-    except NotRetryable as exc:
-        raise ProblemError(409, str(exc)) from None
+    return retry_job(session, job.id, stage=chosen.stage, item_ids=chosen.items)

@@ -1,6 +1,9 @@
 """Errors as JSON problem details (`application/problem+json`), each naming its field path.
 
     ProblemError            raised by routes and deps: status, detail and every error found
+    SlimMoAError            the orchestrator's errors: the status their class maps to (orchestrator.errors)
+    DBAPIError              the database: 503 naming `slimmoa db upgrade` when the schema is not migrated,
+                            503 when it cannot be reached
     HTTPException           FastAPI's and Starlette's (404 of unknown routes, 405, ...)
     RequestValidationError  request fields that fail their schema: 422, one line per field
 
@@ -18,9 +21,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from orchestrator.api.schemas import Problem
+from db.migrate import schema_is_current
+from orchestrator.api.bodies import Problem
+from orchestrator.errors import SlimMoAError, validation_message
+from orchestrator.settings import Settings
 
 __all__ = ["ProblemError", "field_errors", "install_handlers", "problem_response", "validation_problem"]
 
@@ -63,8 +71,7 @@ def field_errors(errors: Iterable[Any], drop: tuple[str, ...] = ("body",)) -> li
         loc = list(error["loc"])
         while loc and loc[0] in drop:
             loc.pop(0)
-        message = "is required" if error["type"] == "missing" else error["msg"]
-        message = message.removeprefix("Value error, ")
+        message = validation_message(error)
         lines.append(f"{_path(loc)}: {message}" if loc else message)
     return lines
 
@@ -74,10 +81,26 @@ def validation_problem(exc: ValidationError | RequestValidationError) -> Problem
     return ProblemError(422, errors[0] if errors else "invalid request", errors)
 
 
-def install_handlers(app: FastAPI) -> None:
+def _database_problem(exc: DBAPIError, settings: Settings) -> JSONResponse:
+    """A database error the API cannot answer around: say which, if it is one a user can fix."""
+    try:
+        current = schema_is_current(settings.database_url)
+    except DBAPIError:
+        return problem_response(503, "the database cannot be reached; try again when it is back")
+    if not current:
+        return problem_response(503, "the database schema is not migrated: run `slimmoa db upgrade`")
+    log.exception("database error", exc_info=exc)
+    return problem_response(500, "internal error; the server log has the details")
+
+
+def install_handlers(app: FastAPI, settings: Settings) -> None:
     async def on_problem(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ProblemError)
         return problem_response(exc.status, exc.detail, exc.errors, exc.headers)
+
+    async def on_slimmoa(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, SlimMoAError)
+        return problem_response(exc.status, str(exc), [str(exc)])
 
     async def on_http(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
@@ -88,11 +111,17 @@ def install_handlers(app: FastAPI) -> None:
         problem = validation_problem(exc)
         return problem_response(problem.status, problem.detail, problem.errors)
 
+    async def on_database(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, DBAPIError)
+        return await run_in_threadpool(_database_problem, exc, settings)
+
     async def on_error(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
         return problem_response(500, "internal error; the server log has the details")
 
     app.add_exception_handler(ProblemError, on_problem)
+    app.add_exception_handler(SlimMoAError, on_slimmoa)
+    app.add_exception_handler(DBAPIError, on_database)
     app.add_exception_handler(Exception, on_error)
     app.add_exception_handler(HTTPException, on_http)
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from orchestrator.api.bodies import RecipePublic, RecipesPublic
 from orchestrator.api.deps import SettingsDep
-from orchestrator.api.schemas import RecipePublic, RecipesPublic
-from orchestrator.recipes import RecipeError, available_recipes, load_recipe
+from orchestrator.errors import RecipeError
+from orchestrator.recipes import available_recipes, load_recipe
 
 __all__ = ["router"]
 

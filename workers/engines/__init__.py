@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import random
 
 from orchestrator.prompts import Tokenizer
 from orchestrator.recipes import OpenAIModel, SyntheticModel, VllmModel
 from orchestrator.settings import FaultSpec, Settings
-from workers.engines.base import ChatRequest, Engine, Generation
+from workers.engines.base import ChatRequest, Engine, Generation, Residency, residency
 from workers.engines.errors import (
     EngineError,
     EngineOutOfMemory,
@@ -27,12 +28,15 @@ __all__ = [
     "Generation",
     "ModelTooLarge",
     "RequestRejected",
+    "Residency",
     "create_engine",
+    "residency",
 ]
 
 
 class FaultyEngine(Engine):
-    """Wraps an engine with injected failures; only built from worker settings, for tests."""
+    """Wraps an engine with injected failures; only built from worker settings, for tests. Residency
+    (sleep, wake, liveness) stays the wrapped engine's (`residency` looks through `inner`)."""
 
     def __init__(self, inner: Engine, faults: FaultSpec) -> None:
         super().__init__(inner.name)
@@ -40,6 +44,10 @@ class FaultyEngine(Engine):
         self.faults = faults
 
     async def start(self) -> None:
+        if self.faults.load_hang_seconds:
+            await asyncio.sleep(self.faults.load_hang_seconds)
+        if self.faults.load_exception:
+            raise getattr(builtins, self.faults.load_exception)(f"injected load fault in {self.name}")
         await self.inner.start()
 
     @property
@@ -50,27 +58,11 @@ class FaultyEngine(Engine):
     def system_supported(self) -> bool:
         return self.inner.system_supported
 
-    @property
-    def alive(self) -> bool:
-        return self.inner.alive
-
-    @property
-    def memory_gb(self) -> float | None:
-        return self.inner.memory_gb
-
-    @property
-    def supports_sleep(self) -> bool:
-        return self.inner.supports_sleep
-
-    async def sleep(self) -> None:
-        await self.inner.sleep()
-
-    async def wake(self) -> None:
-        await self.inner.wake()
-
     async def generate(self, request: ChatRequest) -> Generation:
         if self.faults.hang_seconds and random.random() < self.faults.hang_rate:
             await asyncio.sleep(self.faults.hang_seconds)
+        if self.faults.generate_exception:
+            raise getattr(builtins, self.faults.generate_exception)(f"injected fault in {self.name}")
         if random.random() < self.faults.error_rate:
             raise EngineUnavailable(f"injected fault in {self.name}")
         return await self.inner.generate(request)

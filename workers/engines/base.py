@@ -1,5 +1,9 @@
 """The one engine interface: async chat generation, batched by the engine across concurrent calls.
 
+`Engine` is what generation needs (start, generate, close, tokenizer, system_supported). What the
+engine host can do with an engine's memory (`sleep`, `wake`, `memory_gb`, `alive`) is the separate
+`Residency` protocol, which only engines that have it implement (vLLM).
+
 Usage::
 
     engine = create_engine("smollm2", recipe.model("smollm2"), settings)
@@ -12,14 +16,15 @@ Many coroutines awaiting `generate` at once is what lets vLLM batch them continu
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
+from orchestrator.contracts import ChatMessage
 from orchestrator.prompts import Tokenizer
 from orchestrator.recipes import SamplingSpec
-from orchestrator.schemas import ChatMessage
 
-__all__ = ["ChatRequest", "Engine", "Generation"]
+__all__ = ["ChatRequest", "Engine", "Generation", "Residency", "residency"]
 
 
 class ChatRequest(BaseModel):
@@ -49,9 +54,10 @@ class ChatRequest(BaseModel):
 
 class Generation(BaseModel):
     text: str
-    prompt_tokens: int
-    output_tokens: int
-    finish_reason: str
+    # None: the engine did not say (an OpenAI-compatible server without `usage` or `finish_reason`).
+    prompt_tokens: int | None
+    output_tokens: int | None
+    finish_reason: str | None
     latency_ms: float
     # Token text -> logprob of the top `request.logprobs` candidates for the first generated token.
     top_logprobs: dict[str, float] | None = None
@@ -69,7 +75,9 @@ class Engine(ABC):
 
     @abstractmethod
     async def generate(self, request: ChatRequest) -> Generation:
-        """Generate one chat completion; raises EngineUnavailable or RequestRejected."""
+        """Generate one chat completion; raises EngineUnavailable (transient) or RequestRejected.
+
+        Anything else it raises is taken for a permanent failure by the engine host."""
 
     @property
     @abstractmethod
@@ -85,25 +93,33 @@ class Engine(ABC):
     async def close(self) -> None:
         """Release the model or connection."""
 
+
+@runtime_checkable
+class Residency(Protocol):
+    """What the engine host can do with an engine's memory, for engines that hold a model."""
+
     @property
     def alive(self) -> bool:
         """False once the engine cannot serve again (its process died): the host then replaces it."""
-        return True
 
     @property
     def memory_gb(self) -> float | None:
         """Device memory the started engine holds, as it reports it (None: the recipe's estimate stands)."""
-        return None
 
     @property
     def supports_sleep(self) -> bool:
         """Whether `sleep` frees the device memory while keeping the weights ready for a fast `wake`."""
-        return False
 
     async def sleep(self) -> None:
         """Free the device memory (vLLM sleep mode level 1: weights to host memory, KV cache dropped)."""
-        raise NotImplementedError(f"engine {self.name} has no sleep mode")
 
     async def wake(self) -> None:
         """Take the device memory back after `sleep`."""
-        raise NotImplementedError(f"engine {self.name} has no sleep mode")
+
+
+def residency(engine: Engine) -> Residency | None:
+    """The engine's residency controls, if it has any; a wrapper (`inner`) answers for what it wraps."""
+    inner = getattr(engine, "inner", None)
+    if isinstance(inner, Engine):
+        return residency(inner)
+    return engine if isinstance(engine, Residency) else None

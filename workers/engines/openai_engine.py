@@ -88,22 +88,35 @@ class OpenAIEngine(Engine):
         try:
             payload = response.json()
             choice = payload["choices"][0]
+            text = choice["message"]["content"]
             usage = payload.get("usage") or {}
-            return Generation(
-                text=choice["message"]["content"] or "",
-                prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                output_tokens=int(usage.get("completion_tokens", 0)),
-                finish_reason=str(choice.get("finish_reason") or "stop"),
+            finish_reason = choice.get("finish_reason")
+            generation = Generation(
+                text=text or "",
+                # What the server did not report stays unknown: never a made-up 0 or "stop".
+                prompt_tokens=_count(usage.get("prompt_tokens")),
+                output_tokens=_count(usage.get("completion_tokens")),
+                finish_reason=str(finish_reason) if finish_reason else None,
                 latency_ms=(time.perf_counter() - started) * 1000,
                 top_logprobs=_first_token_logprobs(choice) if request.logprobs else None,
             )
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise EngineUnavailable(f"{self.spec.base_url}: malformed response: {exc}") from exc
+        if not text and not request.logprobs:
+            # An answer with no text (a refusal by a content filter, a broken server) is no answer.
+            raise RequestRejected(
+                f"{self.spec.base_url}: empty answer (finish_reason={finish_reason or 'not given'})"
+            )
+        return generation
 
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+def _count(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _first_token_logprobs(choice: dict[str, Any]) -> dict[str, float] | None:

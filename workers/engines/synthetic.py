@@ -83,8 +83,6 @@ class SyntheticEngine(Engine):
         super().__init__(name)
         self.spec = spec
         self._tokenizer = WordTokenizer()
-        self.in_flight = 0
-        self.max_in_flight = 0
 
     async def start(self) -> None:
         return None
@@ -102,13 +100,8 @@ class SyntheticEngine(Engine):
 
     async def generate(self, request: ChatRequest) -> Generation:
         started = time.perf_counter()
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            if self.spec.latency_ms:
-                await asyncio.sleep(self.spec.latency_ms / 1000)
-        finally:
-            self.in_flight -= 1
+        if self.spec.latency_ms:
+            await asyncio.sleep(self.spec.latency_ms / 1000)
         digest = prompt_digest(request)
         count = min(self.spec.output_tokens, request.max_tokens)
         words = random.Random(digest).choices(_WORDS, k=count - 1)

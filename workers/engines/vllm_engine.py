@@ -165,6 +165,7 @@ class VllmEngine(Engine):
 
     async def generate(self, request: ChatRequest) -> Generation:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError, VLLMServerError
         from vllm.sampling_params import RequestOutputKind
 
         if self._llm is None:
@@ -188,10 +189,11 @@ class VllmEngine(Engine):
         except asyncio.CancelledError:
             await self._llm.abort(request.request_id)
             raise
-        except ValueError as exc:  # vLLM's input validation, e.g. a prompt longer than max_model_len
+        except (ValueError, VLLMClientError) as exc:  # the request itself, e.g. longer than max_model_len
             raise RequestRejected(str(exc)) from exc
-        except Exception as exc:
+        except VLLMServerError as exc:  # the engine failed or its process died: another attempt may work
             raise EngineUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        # Anything else is not vLLM's to say: the engine host records it as a permanent failure.
         if final is None or not final.outputs:
             raise EngineUnavailable(f"engine {self.name} returned no output for {request.request_id}")
         completion = final.outputs[0]

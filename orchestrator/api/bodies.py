@@ -8,12 +8,12 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from db.models import FINAL_JOB_STATUSES, Item, Job, JobStatus, Output
-from db.queries import JobCounts
+from db.rows import JobCounts
+from orchestrator.contracts import InputRecord, RetryResult, RetryStage
 from orchestrator.recipes import Recipe
-from orchestrator.recovery import RetryResult, RetryStage
-from orchestrator.schemas import InputRecord
 
 __all__ = [
+    "NOTICE_HEADER",
     "CandidatePublic",
     "EngineLoadsPublic",
     "HealthPublic",
@@ -35,6 +35,9 @@ __all__ = [
     "RetryResult",
     "StagePublic",
 ]
+
+# A response header with what a client should know beside the body (a job stored but not yet sent).
+NOTICE_HEADER = "SlimMoA-Notice"
 
 # Ids are Postgres BIGINTs.
 MAX_ID = 2**63 - 1
@@ -129,6 +132,9 @@ class ProgressPublic(BaseModel):
     output_tokens: int
     items_per_second: float | None = Field(description="Observed since the job started.")
     eta_seconds: float | None = Field(description="Time left at the observed rate; null until known.")
+    latest_error: str | None = Field(
+        default=None, description="The most recent stage failure (a candidate's or a failed item's)."
+    )
 
     @classmethod
     def of(cls, job: Job, counts: JobCounts, now: datetime | None = None) -> ProgressPublic:
@@ -169,6 +175,7 @@ class ProgressPublic(BaseModel):
             output_tokens=counts.output_tokens,
             items_per_second=rate,
             eta_seconds=eta,
+            latest_error=counts.latest_error,
         )
 
 
@@ -180,6 +187,9 @@ class EngineLoadsPublic(BaseModel):
     swaps: int
     unload_seconds: float
     per_model: dict[str, int] = Field(description="Loads (or wakes) per model.")
+    failed: dict[str, str] = Field(
+        default_factory=dict, description="Models whose load failed, with the loader's latest message."
+    )
 
 
 class JobDetailPublic(JobPublic):

@@ -1,8 +1,5 @@
 """The measuring commands of `slimmoa`: `eval` (a job against reference outputs), `compare` (two jobs
-head to head) and `diversity` (how different the candidates of each pool are).
-
-`register(cli)` adds them to the main command line.
-"""
+head to head) and `diversity` (how different the candidates of each pool are)."""
 
 from __future__ import annotations
 
@@ -18,16 +15,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from db import evaluations
-from db.migrate import upgrade
 from db.session import session_scope
-from orchestrator.celery_app import app as celery_app
-from orchestrator.celery_app import configure
-from orchestrator.console import console
-from orchestrator.console import fail as _fail
-from orchestrator.embedded import EmbeddedError, private_redis, worker_process
+from orchestrator.cli.console import POLL_INTERVAL_S, console, fail, fail_on
+from orchestrator.cli.run import embedded_services
+from orchestrator.embedded import worker_process
+from orchestrator.errors import SlimMoAError
 from orchestrator.evaluation import (
     JOB_REFERENCE_PREFIX,
-    EvaluationError,
     enqueue_judgments,
     finalize_evaluation,
     load_difficulties,
@@ -35,12 +29,11 @@ from orchestrator.evaluation import (
     start_evaluation,
 )
 from orchestrator.judging import JudgeSpec, resolve_judge
-from orchestrator.recipes import OpenAIModel, RecipeError
+from orchestrator.recipes import OpenAIModel
 from orchestrator.settings import get_settings
+from orchestrator.watchdog import Watchdog, live_consumers
 
-__all__ = ["register"]
-
-POLL_INTERVAL_S = 0.5
+__all__ = ["compare", "diversity", "evaluate"]
 
 
 @contextmanager
@@ -48,29 +41,24 @@ def _services(log_path: Path) -> Iterator[str]:
     """The database URL to use, with workers to judge: the configured services (their workers are
     running), or, with no REDIS_URL, a private Redis and a local worker for this command only."""
     settings = get_settings()
-    database_url = settings.database_url or f"sqlite:///{Path('slimmoa.db').resolve()}"
     if settings.redis_url:
-        yield database_url
+        yield settings.database_url_or_embedded()
         return
-    upgrade(database_url)
-    with private_redis() as redis_url:
-        os.environ.update({"DATABASE_URL": database_url, "REDIS_URL": redis_url})
-        get_settings.cache_clear()
-        configure(celery_app, get_settings())
-        env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
-        with worker_process(env, log_path, settings.inference_concurrency):
-            yield database_url
+    with embedded_services(settings) as services:
+        env = {"DATABASE_URL": services.database_url, "REDIS_URL": services.redis_url}
+        with worker_process(env, log_path, services.inference_concurrency):
+            yield services.database_url
 
 
 def _judge(judge: str | None) -> JudgeSpec:
     settings = get_settings()
     try:
         spec = resolve_judge(judge or settings.eval_judge, settings)
-    except RecipeError as exc:
-        raise _fail(str(exc)) from None
+    except SlimMoAError as exc:
+        raise fail_on(exc) from None
     key_env = spec.spec.api_key_env if isinstance(spec.spec, OpenAIModel) else None
     if key_env and not os.environ.get(key_env):
-        raise _fail(f"judge {spec.label}: environment variable {key_env} is not set (the judge's API key)")
+        raise fail(f"judge {spec.label}: environment variable {key_env} is not set (the judge's API key)")
     return spec
 
 
@@ -81,8 +69,8 @@ def _judge_all(
     try:
         reference = load_reference(reference_arg, database_url)
         start = start_evaluation(database_url, job_id, reference, judge, seed=seed)
-    except EvaluationError as exc:
-        raise _fail(str(exc)) from None
+    except SlimMoAError as exc:
+        raise fail_on(exc) from None
     console.print(
         f"evaluation {start.evaluation_id} of job {job_id} by {judge.label} (order seed {start.seed}): "
         f"{start.total} items to judge "
@@ -90,16 +78,27 @@ def _judge_all(
         f"{start.without_reference} without a reference row)"
     )
     enqueue_judgments(start.to_judge)
+    settings = get_settings()
+    watchdog = Watchdog(
+        settings.stall_timeout_s,
+        f"evaluation {start.evaluation_id}",
+        lambda: live_consumers(settings.queue_inference) > 0,
+    )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("judging", total=start.total)
         while True:
             with session_scope(database_url) as session:
                 counts = evaluations.judgment_counts(session, start.evaluation_id)
+                latest = evaluations.latest_judgment_error(session, start.evaluation_id)
             done = counts["done"] + counts["failed"]
-            progress.update(bar, completed=done, description=f"judging ({counts['failed']} failed)")
+            description = f"judging ({counts['failed']} failed)" + (
+                f" latest: {latest[:120]}" if latest else ""
+            )
+            progress.update(bar, completed=done, description=description)
             if not counts["pending"]:
                 break
+            watchdog.check((counts["done"], counts["failed"]))
             time.sleep(POLL_INTERVAL_S)
     summary = finalize_evaluation(database_url, start.evaluation_id, load_difficulties(difficulty))
     summary["evaluation_id"] = start.evaluation_id
@@ -159,14 +158,14 @@ def evaluate(
     chosen = _judge(judge)
     reference_arg = reference or str(settings.eval_reference)
     if reference is None and not Path(reference_arg).is_file():
-        raise _fail(f"reference file {reference_arg} not found: pass --reference FILE or set EVAL_REFERENCE")
+        raise fail(f"reference file {reference_arg} not found: pass --reference FILE or set EVAL_REFERENCE")
     try:
         with _services(Path(f"eval-{job_id[:8]}.worker.log")) as database_url:
             summary = _judge_all(
                 database_url, job_id, reference_arg, chosen, seed, settings.eval_instruction_difficulty
             )
-    except EmbeddedError as exc:
-        raise _fail(str(exc), code=1) from None
+    except SlimMoAError as exc:
+        raise fail_on(exc) from None
     console.print(_summary_table(f"job {job_id} vs {Path(reference_arg).name}", summary))
     if summary.get("by_dataset"):
         console.print(_breakdown_table("by dataset", summary["by_dataset"]))
@@ -193,8 +192,8 @@ def compare(
     try:
         with _services(Path(f"compare-{job_a[:8]}-{job_b[:8]}.worker.log")) as database_url:
             summary = _judge_all(database_url, job_a, f"{JOB_REFERENCE_PREFIX}{job_b}", chosen, seed, None)
-    except EmbeddedError as exc:
-        raise _fail(str(exc), code=1) from None
+    except SlimMoAError as exc:
+        raise fail_on(exc) from None
     console.print(_summary_table(f"job {job_a} (A) vs job {job_b} (B)", summary))
     if summary["status"] == "failed":
         raise typer.Exit(1)
@@ -217,11 +216,10 @@ def diversity(
     proposer pair (0: identical candidates)."""
     from orchestrator.diversity import job_diversity
 
-    database_url = get_settings().database_url or f"sqlite:///{Path('slimmoa.db').resolve()}"
     try:
-        result = job_diversity(database_url, job_id)
+        result = job_diversity(get_settings().database_url_or_embedded(), job_id)
     except LookupError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     table = Table(title=f"pool diversity of job {job_id} (cosine distance, all-MiniLM-L6-v2)")
     for name, justify in (("layer", "right"), ("proposer A", "left"), ("proposer B", "left")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
@@ -243,10 +241,3 @@ def diversity(
     if output is not None:
         output.write_text("".join(i.model_dump_json() + "\n" for i in result.items), encoding="utf-8")
         console.print(f"per item: {output}")
-
-
-def register(cli: typer.Typer) -> None:
-    """Add `eval`, `compare` and `diversity` to the command line."""
-    cli.command("eval")(evaluate)
-    cli.command("compare")(compare)
-    cli.command("diversity")(diversity)

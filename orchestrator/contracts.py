@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["ChatMessage", "InputRecord", "TruncationRecord"]
+__all__ = ["ChatMessage", "InputRecord", "RetryResult", "RetryStage", "TruncationRecord"]
 
 
 class ChatMessage(BaseModel):
@@ -54,3 +55,16 @@ class TruncationRecord(BaseModel):
     budget_tokens: int = Field(description="Tokens left for the numbered candidates.")
     original_tokens: list[int]
     kept_tokens: list[int]
+
+
+class RetryStage(enum.StrEnum):
+    ALL = "all"
+    PROPOSERS = "proposers"
+    AGGREGATOR = "aggregator"
+
+
+class RetryResult(BaseModel):
+    job_id: str
+    items_reopened: int
+    proposer_items: list[int]
+    aggregator_items: list[int]

@@ -1,0 +1,107 @@
+"""Commands that run or maintain the service: `api`, `recover`, `db upgrade`, `plan`, `models prepare`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from db.migrate import upgrade
+from orchestrator.cli.console import console, err, fail, fail_on
+from orchestrator.errors import RecipeError
+from orchestrator.recipes import EMBEDDED_MODELS, load_recipe
+from orchestrator.settings import get_settings
+
+__all__ = ["api", "db_upgrade", "models_prepare", "plan", "recover"]
+
+
+def api(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes.")] = 1,
+) -> None:
+    """Serve the HTTP API (uvicorn); OpenAPI at /docs and /openapi.json."""
+    import uvicorn
+
+    settings = get_settings()
+    if not settings.redis_url or not settings.database_url:
+        raise fail("the API needs REDIS_URL and DATABASE_URL")
+    uvicorn.run("orchestrator.api.app:create_app", factory=True, host=host, port=port, workers=workers)
+
+
+def recover(
+    grace: Annotated[
+        float | None, typer.Option(help="Leave items alone that had activity this many seconds ago.")
+    ] = None,
+) -> None:
+    """Re-enqueue stages that are neither done, queued nor running (lost with a worker or the broker)."""
+    from orchestrator.recovery import sweep
+
+    settings = get_settings()
+    if not settings.redis_url or not settings.database_url:
+        raise fail("recover needs REDIS_URL and DATABASE_URL")
+    result = sweep(settings.database_url, grace_s=grace)
+    console.print(
+        f"checked {result.items_checked} stalled items: re-sent {result.proposer_chords} proposer chords, "
+        f"{result.layer_checks} layer checks, {result.aggregators} aggregators; "
+        f"{result.skipped_in_flight} still in flight; re-sent {result.judgments} judgments"
+    )
+
+
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Migrate the database at DATABASE_URL to the latest schema."""
+    url = get_settings().database_url
+    if not url:
+        raise fail("DATABASE_URL is not set")
+    upgrade(url, revision)
+    console.print(f"database at {url} is at revision {revision}")
+
+
+def plan(
+    recipe: Annotated[str, typer.Argument(help="Recipe name or path.")],
+    gpu_memory_gb: Annotated[
+        float, typer.Option(min=0.1, help="Device memory budget (RAM on a CPU box).")
+    ] = 80.0,
+) -> None:
+    """Print the memory plan of a recipe: resident models, the swap slot, KV-cache room, loads per stage."""
+    from orchestrator.planning import plan_memory
+
+    try:
+        chosen = load_recipe(recipe, get_settings().recipes_dir)
+    except RecipeError as exc:
+        raise fail_on(exc) from None
+    memory_plan = plan_memory(chosen, gpu_memory_gb)
+    table = Table(title=f"{chosen.name} on {gpu_memory_gb:g} GB")
+    for column in ("model", "memory GB", "weights GB", "KV cache GB", "placement", "used in"):
+        table.add_column(column)
+    for model in memory_plan.models:
+        table.add_row(
+            model.name,
+            f"{model.memory_gb:g}",
+            "?" if model.weights_gb is None else f"{model.weights_gb:g}",
+            "?" if model.kv_cache_gb is None else f"{model.kv_cache_gb:g}",
+            "resident" if model.resident else "swaps",
+            ", ".join(model.used_in),
+        )
+    console.print(table)
+    console.print(
+        f"resident: {memory_plan.resident_gb:g} GB; swap slot: {memory_plan.swap_slot_gb:g} GB; "
+        f"peak: {memory_plan.resident_gb + memory_plan.swap_slot_gb:g} of {gpu_memory_gb:g} GB"
+    )
+    for stage, models in memory_plan.loads:
+        console.print(f"  {stage}: load {', '.join(models) if models else 'nothing'}")
+    console.print(f"loads per job: {memory_plan.total_loads} (one per swapped model per layer, not per item)")
+    for warning in memory_plan.warnings:
+        err.print(f"[yellow]note:[/yellow] {warning}")
+    if not memory_plan.fits:
+        raise fail("does not fit: " + "; ".join(memory_plan.problems), code=1)
+
+
+def models_prepare() -> None:
+    """Convert the embedded models shipped in Python packages into the model cache (once)."""
+    from workers.model_store import ensure_embedded_model
+
+    for name in EMBEDDED_MODELS:
+        path = ensure_embedded_model(name, get_settings().model_cache_dir)
+        console.print(f"embedded model {name}: {path}")

@@ -1,0 +1,90 @@
+"""`slimmoa worker`: a Celery worker of one role; inference roles host the engines."""
+
+from __future__ import annotations
+
+import enum
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from orchestrator.celery_app import app as celery_app
+from orchestrator.cli.console import fail
+from orchestrator.settings import get_settings
+
+__all__ = ["WorkerRole", "worker"]
+
+
+class WorkerRole(enum.StrEnum):
+    ALL = "all"  # one worker for everything (a single machine, `slimmoa run`)
+    CONTROL = "control"  # dispatch, layer checks, the recovery sweep: no engines
+    INFERENCE = "inference"  # the stages and judges: owns the device and the engines
+
+
+def worker(
+    role: Annotated[WorkerRole, typer.Option(help="Which work this worker takes.")] = WorkerRole.ALL,
+    memory_gb: Annotated[
+        float | None,
+        typer.Option(
+            "--memory-gb",
+            "--gpu-memory-gb",
+            min=0.1,
+            help="Memory budget for resident models, GB (GPU memory, or RAM on a CPU); default: no budget.",
+        ),
+    ] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Threads: generations in flight.")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
+    beat: Annotated[
+        bool, typer.Option(help="Also run the periodic recovery sweep (one worker only).")
+    ] = False,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on this port.")] = None,
+) -> None:
+    """Start a Celery worker. Inference roles host the engines (threads pool: vLLM cannot live in a
+    prefork child) and consume per-model queues by affinity, within the memory budget."""
+    settings = get_settings()
+    if memory_gb is not None:
+        settings = settings.model_copy(update={"worker_memory_gb": memory_gb})
+    if not settings.redis_url or not settings.database_url:
+        raise fail("a worker needs REDIS_URL and DATABASE_URL")
+    queues = []
+    if role != WorkerRole.INFERENCE:
+        queues.append(settings.queue_control)
+    if role != WorkerRole.CONTROL:
+        import workers.judge_tasks
+        import workers.tasks  # noqa: F401  (the two register the stage and judge tasks on the app)
+        from workers.affinity import AffinityStep
+        from workers.stage_runner import start_engine_host
+
+        # The engines live within this command's memory budget.
+        start_engine_host(settings)
+        # Judges wait in the shared inference queue; stages in per-model queues, which the
+        # affinity scheduler starts and stops consuming.
+        queues.append(settings.queue_inference)
+        celery_app.steps["consumer"].add(AffinityStep)
+
+    port = settings.worker_metrics_port if metrics_port is None else metrics_port
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr=settings.worker_metrics_host)
+
+    # Interval schedules only: beat's state file can live in the temp folder.
+    schedule = Path(tempfile.gettempdir()) / f"slimmoa-beat-{os.getpid()}"
+    celery_app.worker_main(
+        [
+            "worker",
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(concurrency or settings.inference_concurrency),
+            "--queues",
+            ",".join(queues),
+            "--loglevel",
+            loglevel,
+            "--without-gossip",
+            "--without-mingle",
+            *(["--beat", "--schedule", str(schedule)] if beat else []),
+        ]
+    )

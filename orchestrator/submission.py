@@ -1,0 +1,123 @@
+"""Submitting a job: store the job and all its items in one transaction, commit, then enqueue its dispatch.
+
+A job is stored before anything is sent: when the broker is down at submit, the job stays `queued`
+and the recovery sweep dispatches it once the broker is back (the submit says so). A retried submit
+with the same Idempotency-Key gets the first job; the same key with a different request is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import RedisError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db import submission
+from db.models import Job
+from db.rows import NewItem
+from orchestrator.celery_app import TASK_DISPATCH, app
+from orchestrator.contracts import InputRecord
+from orchestrator.errors import InputError, InvalidInput
+from orchestrator.recipes import Recipe
+
+__all__ = ["Submission", "Submitted", "enqueue_job", "store_job", "submit_job"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A validated job request: what the API (or any client of this module) asks to run."""
+
+    recipe: Recipe
+    records: Sequence[InputRecord]
+    name: str | None = None
+    priority: int = 0
+
+    def digest(self) -> str:
+        """A fingerprint of the request: what an Idempotency-Key stands for."""
+        request = {
+            "recipe": self.recipe.model_dump(mode="json"),
+            "items": [record.model_dump(mode="json") for record in self.records],
+            "name": self.name,
+            "priority": self.priority,
+        }
+        return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """The job a submit answers with: new or the key's earlier one, and whether its dispatch was sent."""
+
+    job: Job
+    created: bool
+    dispatched: bool
+
+
+def store_job(session: Session, job: Submission, idempotency_key: str | None = None) -> Job:
+    """Add the job and its items to the session's transaction; nothing is enqueued, the caller commits."""
+    if not job.records:
+        raise InputError("items: a job needs at least one item")
+    items = [
+        NewItem(instruction=r.instruction, external_id=r.id, dataset=r.dataset, system=r.system)
+        for r in job.records
+    ]
+    return submission.insert_job(
+        session,
+        recipe_name=job.recipe.name,
+        recipe=job.recipe.model_dump(mode="json"),
+        items=items,
+        name=job.name,
+        priority=job.priority,
+        idempotency_key=idempotency_key,
+        idempotency_digest=job.digest() if idempotency_key is not None else None,
+    )
+
+
+def _earlier(session: Session, job: Submission, key: str | None) -> Job | None:
+    """The job an Idempotency-Key was first used for; refused if it was used for another request."""
+    if key is None:
+        return None
+    earlier = submission.job_by_idempotency_key(session, key)
+    if earlier is not None and earlier.idempotency_digest not in (None, job.digest()):
+        raise InvalidInput(
+            f"Idempotency-Key {key!r} was already used for a different request (job {earlier.id}); "
+            "use a new key for a new request"
+        )
+    return earlier
+
+
+def submit_job(session: Session, job: Submission, idempotency_key: str | None = None) -> Submitted:
+    """Store, commit and enqueue a job. A key already used for the same request returns its job."""
+    earlier = _earlier(session, job, idempotency_key)
+    if earlier is not None:
+        return Submitted(earlier, created=False, dispatched=True)
+    try:
+        stored = store_job(session, job, idempotency_key)
+        session.commit()
+    except IntegrityError:
+        # A concurrent submit with the same key committed first: its job is the answer.
+        session.rollback()
+        earlier = _earlier(session, job, idempotency_key)
+        if earlier is None:
+            raise
+        return Submitted(earlier, created=False, dispatched=True)
+    try:
+        enqueue_job(stored.id)
+    except (BrokerError, RedisError) as exc:
+        log.warning("job %s stored, its dispatch not sent (%s): the recovery sweep sends it", stored.id, exc)
+        return Submitted(stored, created=True, dispatched=False)
+    return Submitted(stored, created=True, dispatched=True)
+
+
+def enqueue_job(job_id: str) -> None:
+    """Send the job's dispatch task; call only after the job's transaction committed."""
+    # Nothing waits for its result: no subscription to the result backend (one more connection that
+    # could fail) is made for it.
+    app.send_task(TASK_DISPATCH, args=(job_id,), ignore_result=True)
