@@ -137,6 +137,10 @@ def bare(items: int, proposers: int, concurrency: int, redis_url: str, log_dir: 
         worker.wait()
 
 
+# Every item a different prompt: the same text would hit the same synthetic output each time.
+PROMPT = "Benchmark prompt number {i}: say something."
+
+
 def _recipe(proposers: int) -> dict[str, Any]:
     return {
         "name": "bench",
@@ -144,10 +148,6 @@ def _recipe(proposers: int) -> dict[str, Any]:
         "layers": [{"proposers": [{"model": "p", "samples": proposers, "sampling": {"seed": 1}}]}],
         "aggregator": {"model": "agg"},
     }
-
-
-def _prompt(i: int) -> str:
-    return f"Benchmark prompt number {i}: say something."
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,10 @@ def api_submit(items: int, proposers: int, env: dict[str, str], log_dir: Path) -
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "orchestrator.cli", "api", "--port", str(port)]
     api = _start_worker(command, {**env, "SLIMMOA_API_TOKEN": ""}, log_dir / "slimmoa-api.log")
-    body = {"recipe": _recipe(proposers), "items": [{"instruction": _prompt(i)} for i in range(items)]}
+    body = {
+        "recipe": _recipe(proposers),
+        "items": [{"instruction": PROMPT.format(i=i)} for i in range(items)],
+    }
     try:
         with httpx.Client(base_url=url, timeout=600) as client:
             while True:
@@ -221,7 +224,7 @@ def _through_pipeline(
 
     url = env["DATABASE_URL"]
     recipe = parse_recipe(_recipe(proposers))
-    records = [InputRecord(instruction=_prompt(i)) for i in range(items)]
+    records = [InputRecord(instruction=PROMPT.format(i=i)) for i in range(items)]
     command = [sys.executable, "-m", "orchestrator.cli", "worker", "--loglevel", "warning"]
     roles = ["all"] if single_worker else ["inference", "control"]
     workers = [

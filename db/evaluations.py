@@ -68,18 +68,10 @@ def open_evaluation(
 ) -> Evaluation:
     """The evaluation of a job against a reference by a judge: found (a resumed one keeps its seed and
     every verdict it has) or created, and marked running."""
-    key = (Evaluation.job_id == job_id, Evaluation.reference_digest == reference_digest)
-    evaluation = session.scalar(select(Evaluation).where(*key, Evaluation.judge == judge))
+    key = {"job_id": job_id, "reference_digest": reference_digest, "judge": judge}
+    evaluation = session.scalar(select(Evaluation).filter_by(**key))
     if evaluation is None:
-        evaluation = Evaluation(
-            job_id=job_id,
-            reference=reference,
-            reference_digest=reference_digest,
-            judge=judge,
-            judge_spec=judge_spec,
-            seed=seed,
-            total=0,
-        )
+        evaluation = Evaluation(**key, reference=reference, judge_spec=judge_spec, seed=seed, total=0)
         session.add(evaluation)
         session.flush()
     evaluation.status = EvaluationStatus.RUNNING

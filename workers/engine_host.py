@@ -32,27 +32,10 @@ from typing import Any, Literal, TypeVar
 
 from orchestrator.recipes import OpenAIModel, SyntheticModel, VllmModel
 from orchestrator.settings import Settings
-from workers.engines import (
-    ChatRequest,
-    Engine,
-    EngineOutOfMemory,
-    EngineUnavailable,
-    Generation,
-    ModelTooLarge,
-    create_engine,
-    residency,
-)
-from workers.metrics import (
-    ENGINE_EVICTIONS,
-    ENGINE_IN_FLIGHT,
-    ENGINE_LOAD_FAILED,
-    ENGINE_LOAD_FAILURES,
-    ENGINE_LOAD_SECONDS,
-    ENGINE_LOADS,
-    ENGINE_UNLOAD_SECONDS,
-    OFFERED_BATCH,
-    RESIDENT_GB,
-)
+from workers import metrics
+from workers.engines import ChatRequest, Engine, Generation, create_engine, residency
+from workers.engines.errors import EngineOutOfMemory, EngineUnavailable, ModelTooLarge
+from workers.load_failures import LoadFailures
 from workers.outcomes import Failure, classify
 
 __all__ = ["EngineHost", "LoadEvent", "LoadFailed", "Spec"]
@@ -103,8 +86,8 @@ class _Traffic:
 
     def __init__(self, model: str) -> None:
         self.count = 0
-        self.offered = OFFERED_BATCH.labels(model)
-        self.gauge = ENGINE_IN_FLIGHT.labels(model)
+        self.offered = metrics.OFFERED_BATCH.labels(model)
+        self.gauge = metrics.ENGINE_IN_FLIGHT.labels(model)
 
 
 class EngineHost:
@@ -132,8 +115,7 @@ class EngineHost:
         # Separate from the others: counting must not wait for a model to load.
         self._count_lock = threading.Lock()
         self._traffic: dict[str, _Traffic] = {}
-        # Permanent load failures still remembered: model -> (until, failure).
-        self._failed_loads: dict[str, tuple[float, Failure]] = {}
+        self._load_failures = LoadFailures(settings.load_failure_ttl_s)
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None, what: str = "answer") -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -162,29 +144,11 @@ class EngineHost:
         except Exception as exc:
             return classify(exc, name, during)
 
-    def failed_loads(self) -> dict[str, str]:
-        """Models whose permanent load failure is remembered, with the loader's message."""
-        now = time.monotonic()
-        with self._state:
-            return {name: f.message for name, (until, f) in self._failed_loads.items() if until > now}
-
-    def _remembered_failure(self, name: str) -> Failure | None:
-        with self._state:
-            until, failure = self._failed_loads.get(name, (0.0, None))
-            if failure is not None and until <= time.monotonic():
-                del self._failed_loads[name]
-                ENGINE_LOAD_FAILED.labels(name).set(0)
-                return None
-            return failure
-
     def _load_failed(self, name: str, exc: Exception, seconds: float, job_id: str | None) -> LoadFailed:
         """Turn a load's exception into its outcome; remember it if permanent, and record it."""
         failure = classify(exc, name, "loading")
-        ENGINE_LOAD_FAILURES.labels(name).inc()
-        if not failure.transient and self.settings.load_failure_ttl_s > 0:
-            with self._state:
-                self._failed_loads[name] = (time.monotonic() + self.settings.load_failure_ttl_s, failure)
-            ENGINE_LOAD_FAILED.labels(name).set(1)
+        metrics.ENGINE_LOAD_FAILURES.labels(name).inc()
+        self._load_failures.remember(name, failure)
         log.warning("loading %s failed (%s): %s", name, failure.kind, failure.message)
         if self._on_load is not None:
             self._on_load(LoadEvent(name, "failed", seconds, [], 0.0, job_id, error=failure.message))
@@ -224,7 +188,7 @@ class EngineHost:
             else:
                 resident = None
         if resident is None:
-            remembered = self._remembered_failure(name)
+            remembered = self._load_failures.get(name)
             if remembered is not None:
                 raise LoadFailed(remembered)
             resident = self._admit(key, job_id)
@@ -250,7 +214,7 @@ class EngineHost:
                     resident.leases += 1
                     return resident
             # Stages that waited for the lock while this model failed to load fail with it, at once.
-            remembered = self._remembered_failure(name)
+            remembered = self._load_failures.get(name)
             if remembered is not None:
                 raise LoadFailed(remembered)
             need = float(spec.memory_gb or 0.0)
@@ -282,9 +246,9 @@ class EngineHost:
                 except Exception as exc:
                     raise self._load_failed(name, exc, time.perf_counter() - started, job_id) from exc
             seconds = time.perf_counter() - started
-            ENGINE_LOADS.labels(name).inc()
-            ENGINE_LOAD_SECONDS.labels(name).observe(seconds)
-            RESIDENT_GB.set(self.used_gb())
+            metrics.ENGINE_LOADS.labels(name).inc()
+            metrics.ENGINE_LOAD_SECONDS.labels(name).observe(seconds)
+            metrics.RESIDENT_GB.set(self.used_gb())
             log.info("%s %s in %.1f s (evicted: %s)", kind, name, seconds, ", ".join(evicted) or "none")
             if self._on_load is not None:
                 self._on_load(LoadEvent(name, kind, seconds, evicted, unload_s, job_id))
@@ -351,9 +315,9 @@ class EngineHost:
             seconds = time.perf_counter() - started
             unload_s += seconds
             evicted.append(key[0])
-            ENGINE_EVICTIONS.labels(key[0]).inc()
-            ENGINE_UNLOAD_SECONDS.labels(key[0]).observe(seconds)
-            RESIDENT_GB.set(self.used_gb())
+            metrics.ENGINE_EVICTIONS.labels(key[0]).inc()
+            metrics.ENGINE_UNLOAD_SECONDS.labels(key[0]).observe(seconds)
+            metrics.RESIDENT_GB.set(self.used_gb())
 
     def _unload(self, victim: _Resident) -> None:
         control = residency(victim.engine)
@@ -412,7 +376,7 @@ class EngineHost:
                     del self._engines[key]
                     asyncio.run_coroutine_threadsafe(engine.close(), self._loop)
             self._state.notify_all()
-        RESIDENT_GB.set(self.used_gb())
+        metrics.RESIDENT_GB.set(self.used_gb())
 
     def shutdown(self) -> None:
         with self._state:

@@ -27,6 +27,7 @@ ApiToken = Annotated[
     typer.Option("--token", envvar="SLIMMOA_API_TOKEN", help="Bearer token, if the API needs one."),
 ]
 JobArg = Annotated[str, typer.Argument(metavar="JOB", help="The job's id.")]
+ItemIds = Annotated[str | None, typer.Option(help="Comma-separated item ids (default: every failed item).")]
 
 
 @contextmanager
@@ -123,9 +124,7 @@ def cancel(job_id: JobArg, url: ApiUrl = DEFAULT_URL, token: ApiToken = None) ->
 def retry(
     job_id: JobArg,
     stage: Annotated[RetryStage, typer.Option(help="Which failed stages to re-run.")] = RetryStage.ALL,
-    items: Annotated[
-        str | None, typer.Option(help="Comma-separated item ids (default: every failed item).")
-    ] = None,
+    items: ItemIds = None,
     url: ApiUrl = DEFAULT_URL,
     token: ApiToken = None,
 ) -> None:
