@@ -28,7 +28,7 @@ from orchestrator.console import console, err
 from orchestrator.console import fail as _fail
 from orchestrator.embedded import EmbeddedError, private_redis, worker_process
 from orchestrator.exports import ExportError, ExportFormat, Rejected, metadata_path, open_export
-from orchestrator.inputs import InputError, read_records
+from orchestrator.inputs import FieldMap, InputError, InputFormat, read_records
 from orchestrator.jobs import create_job, enqueue_job
 from orchestrator.recipes import EMBEDDED_MODELS, RecipeError, load_recipe, missing_local_weights
 from orchestrator.recovery import RetryStage
@@ -43,6 +43,19 @@ cli.add_typer(db_cli, name="db")
 cli.add_typer(models_cli, name="models")
 POLL_INTERVAL_S = 0.5
 
+InputFormatOption = Annotated[
+    InputFormat | None,
+    typer.Option(help="The input's format (default: by suffix; .json and .jsonl by their first character)."),
+]
+FieldOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--field",
+        metavar="FIELD=COLUMN",
+        help="Take a record's field from another column: --field instruction=prompt --field id=uid.",
+    ),
+]
+
 
 def _use(database_url: str, redis_url: str) -> None:
     """Point this process (settings and Celery app) at the given services."""
@@ -54,12 +67,16 @@ def _use(database_url: str, redis_url: str) -> None:
 
 @cli.command()
 def run(
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="JSONL or AlpacaEval-style JSON list.")],
+    input_path: Annotated[
+        Path, typer.Argument(metavar="INPUT", help="JSONL, JSON list (AlpacaEval), Parquet or CSV.")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write one JSON object per line.")],
     recipe: Annotated[str, typer.Option(help="Recipe name (recipes/NAME.yaml) or path.")] = "embedded",
     limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N records.")] = None,
     name: Annotated[str | None, typer.Option(help="A name for the job.")] = None,
     show: Annotated[bool, typer.Option(help="Print every aggregated answer at the end.")] = False,
+    input_format: InputFormatOption = None,
+    field: FieldOption = None,
 ) -> None:
     """Run one job all-in-one: a private Redis unless REDIS_URL, ./slimmoa.db unless DATABASE_URL."""
     settings = get_settings()
@@ -68,7 +85,8 @@ def run(
         missing = missing_local_weights(chosen)
         if missing:
             raise RecipeError("\n".join(f"recipe {chosen.name}: {problem}" for problem in missing))
-        records = read_records(input_path, limit)
+        fields = FieldMap.parse(field or [])
+        records = read_records(input_path, limit, input_format=input_format, fields=fields)
     except (RecipeError, InputError) as exc:
         raise _fail(str(exc)) from None
     database_url = settings.database_url or f"sqlite:///{Path('slimmoa.db').resolve()}"
@@ -363,7 +381,9 @@ def api(
 
 @cli.command()
 def submit(
-    input_path: Annotated[Path, typer.Argument(metavar="FILE", help="JSONL or AlpacaEval-style JSON list.")],
+    input_path: Annotated[
+        Path, typer.Argument(metavar="FILE", help="JSONL, JSON list (AlpacaEval), Parquet or CSV.")
+    ],
     recipe: Annotated[str, typer.Option(help="Recipe name (see GET /v1/recipes).")],
     name: Annotated[str | None, typer.Option(help="A name for the job.")] = None,
     priority: Annotated[int, typer.Option(min=0, max=9, help="0 (lowest) to 9.")] = 0,
@@ -372,13 +392,25 @@ def submit(
     ] = None,
     url: ApiUrl = DEFAULT_URL,
     token: ApiToken = None,
+    input_format: InputFormatOption = None,
+    field: FieldOption = None,
 ) -> None:
     """Submit a prompt file as a job; prints the job id."""
     if not input_path.is_file():
         raise _fail(f"{input_path}: no such file")
+    try:
+        fields = FieldMap.parse(field or [])
+    except InputError as exc:
+        raise _fail(str(exc)) from None
     with _api(url, token) as client:
         job = client.submit_file(
-            input_path, recipe, name=name, priority=priority, idempotency_key=idempotency_key
+            input_path,
+            recipe,
+            name=name,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            fields=fields.sources,
+            input_format=input_format,
         )
     err.print(f"job {job.id}: {job.total_items} items, recipe {job.recipe_name}, {job.status}")
     console.print(job.id, highlight=False)
