@@ -27,6 +27,7 @@ from orchestrator.client import DEFAULT_URL, ApiClient, ApiError
 from orchestrator.console import console, err
 from orchestrator.console import fail as _fail
 from orchestrator.embedded import EmbeddedError, private_redis, worker_process
+from orchestrator.export_files import answers, output_format
 from orchestrator.exports import ExportError, ExportFormat, Rejected, metadata_path, open_export
 from orchestrator.inputs import FieldMap, InputError, InputFormat, read_records
 from orchestrator.jobs import create_job, enqueue_job
@@ -55,6 +56,10 @@ FieldOption = Annotated[
         help="Take a record's field from another column: --field instruction=prompt --field id=uid.",
     ),
 ]
+OutputFormatOption = Annotated[
+    ExportFormat | None,
+    typer.Option("--format", help="What to write (default: by suffix: .json, .jsonl, .parquet)."),
+]
 
 
 def _use(database_url: str, redis_url: str) -> None:
@@ -70,13 +75,17 @@ def run(
     input_path: Annotated[
         Path, typer.Argument(metavar="INPUT", help="JSONL, JSON list (AlpacaEval), Parquet or CSV.")
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write one JSON object per line.")],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="Where to write: .json (AlpacaEval's list), .jsonl or .parquet."),
+    ],
     recipe: Annotated[str, typer.Option(help="Recipe name (recipes/NAME.yaml) or path.")] = "embedded",
     limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N records.")] = None,
     name: Annotated[str | None, typer.Option(help="A name for the job.")] = None,
     show: Annotated[bool, typer.Option(help="Print every aggregated answer at the end.")] = False,
     input_format: InputFormatOption = None,
     field: FieldOption = None,
+    write_format: OutputFormatOption = None,
 ) -> None:
     """Run one job all-in-one: a private Redis unless REDIS_URL, ./slimmoa.db unless DATABASE_URL."""
     settings = get_settings()
@@ -85,9 +94,10 @@ def run(
         missing = missing_local_weights(chosen)
         if missing:
             raise RecipeError("\n".join(f"recipe {chosen.name}: {problem}" for problem in missing))
+        export_format = output_format(output, write_format)
         fields = FieldMap.parse(field or [])
         records = read_records(input_path, limit, input_format=input_format, fields=fields)
-    except (RecipeError, InputError) as exc:
+    except (RecipeError, InputError, ExportError) as exc:
         raise _fail(str(exc)) from None
     database_url = settings.database_url or f"sqlite:///{Path('slimmoa.db').resolve()}"
     upgrade(database_url)
@@ -103,15 +113,14 @@ def run(
                 status = _follow(database_url, job_id, worker.poll, log_path)
     except EmbeddedError as exc:
         raise _fail(str(exc), code=1) from None
-    _write_export(database_url, job_id, ExportFormat.JSONL, output)
+    _write_export(database_url, job_id, export_format, output)
     pools = _write_export(
         database_url, job_id, ExportFormat.POOLS, output.with_name(output.stem + ".pools.jsonl")
     )
     with session_scope(database_url) as session:
         counts = queries.count_rows(session, job_id)
     if show:
-        for line in output.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
+        for record in answers(database_url, job_id):
             console.rule(f"[bold]{record['id']}[/bold] {record['instruction'][:70]}")
             console.print(record["output"], markup=False, highlight=False)
     console.print(
@@ -489,10 +498,11 @@ def _rejected_rule(value: str) -> str:
 @cli.command()
 def export(
     job_id: JobArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
-    export_format: Annotated[
-        ExportFormat, typer.Option("--format", help="What to write.")
-    ] = ExportFormat.JSONL,
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="File to write: .json (AlpacaEval's list), .jsonl or .parquet."),
+    ],
+    write_format: OutputFormatOption = None,
     rejected: Annotated[
         str,
         typer.Option(
@@ -507,6 +517,10 @@ def export(
     """Download a job's finished results (the job may still run); the metadata record goes beside them."""
     if not output.parent.is_dir():
         raise _fail(f"--output: no folder {output.parent} to write {output.name} in")
+    try:
+        export_format = output_format(output, write_format)
+    except ExportError as exc:
+        raise _fail(str(exc)) from None
     with _api(url, token) as client, client.results(job_id, export_format, rejected=rejected) as download:
         _save(output, download.chunks, download.metadata)
     console.print(

@@ -43,6 +43,7 @@ __all__ = [
     "Rejected",
     "RejectedRule",
     "alpaca_eval_lines",
+    "file_suffix",
     "jsonl_lines",
     "metadata_path",
     "open_export",
@@ -391,6 +392,11 @@ _FORMATS: dict[ExportFormat, _Format] = {
     ),
 }
 MEDIA_TYPES = sorted({spec.media_type for spec in _FORMATS.values()})
+
+
+def file_suffix(export_format: ExportFormat) -> str:
+    """The suffix of a file in this format (`json`, `jsonl` or `parquet`), as the API's file names have it."""
+    return _FORMATS[export_format].suffix
 
 
 def metadata_path(path: Path) -> Path:
