@@ -8,7 +8,7 @@ client.job(job.id).progress.items
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,10 +82,15 @@ class ApiClient:
         name: str | None = None,
         priority: int = 0,
         idempotency_key: str | None = None,
+        fields: Mapping[str, str] | None = None,
+        input_format: str | None = None,
     ) -> tuple[JobPublic, str | None]:
-        """Upload a JSONL or AlpacaEval-JSON prompt file as a new job (or the key's earlier job); returns
-        the job and the API's notice, if any (a job stored while the broker was unreachable)."""
+        """Upload a prompt file as a new job (or the key's earlier job); `fields` maps columns to fields,
+        `input_format` overrides the file name's suffix. Returns the job and the API's notice, if any (a
+        job stored while the broker was unreachable)."""
         data = {"recipe": recipe, "priority": str(priority)} | ({"name": name} if name else {})
+        data |= {"fields": json.dumps(dict(fields))} if fields else {}
+        data |= {"input_format": str(input_format)} if input_format else {}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         with path.open("rb") as handle:
             files = {"file": (path.name, handle, "application/octet-stream")}

@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from db.models import FINAL_JOB_STATUSES, Item, Job, JobStatus, Output
 from db.rows import JobCounts
 from orchestrator.contracts import InputRecord, RetryResult, RetryStage
+from orchestrator.inputs import InputFormat, map_items
 from orchestrator.recipes import Recipe
 
 __all__ = [
@@ -65,6 +66,15 @@ class JobCreate(BaseModel):
     items: list[InputRecord] = Field(min_length=1)
     name: str | None = Field(default=None, max_length=200)
     priority: int = Field(default=0, ge=0, le=9, description="0 (lowest) to 9; recorded with the job.")
+    fields: dict[str, str] | None = Field(
+        default=None,
+        description='Which key of the items holds each field: {"instruction": "prompt", "id": "uid"}.',
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapped(cls, data: object) -> object:
+        return map_items(data)
 
     @field_validator("name")
     @classmethod
@@ -83,12 +93,16 @@ class JobCreate(BaseModel):
 
 
 class JobUpload(BaseModel):
-    """A job as a multipart upload: a JSONL or AlpacaEval-JSON prompt file and a recipe name."""
+    """A job as a multipart upload: a prompt file (JSONL, JSON list, Parquet or CSV) and a recipe name."""
 
     file: bytes = Field(json_schema_extra={"format": "binary"})
     recipe: str
     name: str | None = None
     priority: int = Field(default=0, ge=0, le=9)
+    fields: str | None = Field(
+        default=None, description='A JSON object: which column holds each field, {"instruction": "prompt"}.'
+    )
+    input_format: InputFormat | None = Field(default=None, description="Default: by the file name's suffix.")
 
 
 class JobPublic(BaseModel):

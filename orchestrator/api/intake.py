@@ -13,7 +13,7 @@ from orchestrator.api.bodies import JobCreate
 from orchestrator.api.problems import ProblemError, validation_problem
 from orchestrator.contracts import InputRecord
 from orchestrator.errors import InputError, RecipeError
-from orchestrator.inputs import parse_records
+from orchestrator.inputs import FieldMap, assign_ids, read_stream, upload_options
 from orchestrator.recipes import Recipe, available_recipes, load_recipe, parse_recipe
 from orchestrator.settings import Settings
 from orchestrator.submission import Submission
@@ -64,7 +64,7 @@ async def _from_upload(request: Request) -> tuple[str, list[InputRecord], str | 
     form = await request.form(max_files=1, max_fields=8)
     upload, recipe = form.get("file"), form.get("recipe")
     if not isinstance(upload, UploadFile):
-        raise _unprocessable("file: a JSONL or AlpacaEval-JSON prompt file is required")
+        raise _unprocessable("file: a JSONL or AlpacaEval-JSON prompt file is required (or Parquet, CSV)")
     if not isinstance(recipe, str) or not recipe:
         raise _unprocessable("recipe: a recipe name is required")
     name = form.get("name")
@@ -75,10 +75,10 @@ async def _from_upload(request: Request) -> tuple[str, list[InputRecord], str | 
         raise _unprocessable("priority: an integer from 0 to 9")
     source = upload.filename or "upload"
     try:
-        text = (await upload.read()).decode("utf-8")
-        records = await run_in_threadpool(parse_records, text, source)
-    except UnicodeDecodeError as exc:
-        raise _unprocessable(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        fields, input_format = upload_options(form.get("fields"), form.get("input_format"))
+        records = await run_in_threadpool(
+            read_stream, upload.file, source, input_format=input_format, fields=fields
+        )
     except InputError as exc:
         raise _unprocessable(str(exc)) from None
     return recipe, records, name, int(priority_text)
@@ -89,7 +89,11 @@ async def read_submission(request: Request, settings: Settings) -> Submission:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "application/json":
         job_in = await run_in_threadpool(_from_json, await request.body())
-        recipe_ref, records, name, priority = job_in.recipe, job_in.items, job_in.name, job_in.priority
+        recipe_ref, name, priority = job_in.recipe, job_in.name, job_in.priority
+        try:
+            records = assign_ids(job_in.items, lambda i: f"items[{i}]", FieldMap.of(job_in.fields))
+        except InputError as exc:
+            raise _unprocessable(str(exc)) from None
     elif media_type == "multipart/form-data":
         recipe_ref, records, name, priority = await _from_upload(request)
     else:

@@ -29,11 +29,11 @@ from orchestrator.api.bodies import (
 from orchestrator.api.deps import JobDep, PageDep, SessionDep, SettingsDep
 from orchestrator.api.intake import read_submission
 from orchestrator.api.problems import ProblemError
+from orchestrator.export_writers import Rejected
 from orchestrator.exports import (
     MEDIA_TYPES,
     METADATA_HEADER,
     ExportFormat,
-    Rejected,
     open_export,
 )
 from orchestrator.recovery import retry_job

@@ -11,11 +11,15 @@ import typer
 
 from db.models import JobStatus
 from orchestrator.cli.console import console, err, fail, fail_on, save_atomically
+from orchestrator.cli.options import FieldOption, InputFormatOption, OutputFormatOption
 from orchestrator.cli.views import show_job, watch_job
 from orchestrator.client import DEFAULT_URL, ApiClient
 from orchestrator.contracts import RetryStage
-from orchestrator.errors import ApiError, ExportError
-from orchestrator.exports import ExportFormat, Rejected, metadata_path
+from orchestrator.errors import ApiError, ExportError, InputError
+from orchestrator.export_files import output_format
+from orchestrator.export_writers import Rejected
+from orchestrator.exports import metadata_path
+from orchestrator.inputs import FieldMap
 
 __all__ = ["cancel", "export", "retry", "status", "submit"]
 
@@ -41,7 +45,9 @@ def _api(url: str, token: str | None) -> Iterator[ApiClient]:
 
 
 def submit(
-    input_path: Annotated[Path, typer.Argument(metavar="FILE", help="JSONL or AlpacaEval-style JSON list.")],
+    input_path: Annotated[
+        Path, typer.Argument(metavar="FILE", help="JSONL, JSON list (AlpacaEval), Parquet or CSV.")
+    ],
     recipe: Annotated[str, typer.Option(help="Recipe name (see GET /v1/recipes).")],
     name: Annotated[str | None, typer.Option(help="A name for the job.")] = None,
     priority: Annotated[int, typer.Option(min=0, max=9, help="0 (lowest) to 9.")] = 0,
@@ -50,13 +56,25 @@ def submit(
     ] = None,
     url: ApiUrl = DEFAULT_URL,
     token: ApiToken = None,
+    input_format: InputFormatOption = None,
+    field: FieldOption = None,
 ) -> None:
     """Submit a prompt file as a job; prints the job id."""
     if not input_path.is_file():
         raise fail(f"{input_path}: no such file")
+    try:
+        fields = FieldMap.parse(field or [])
+    except InputError as exc:
+        raise fail_on(exc) from None
     with _api(url, token) as client:
         job, notice = client.submit_file(
-            input_path, recipe, name=name, priority=priority, idempotency_key=idempotency_key
+            input_path,
+            recipe,
+            name=name,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            fields=fields.sources,
+            input_format=input_format,
         )
     err.print(f"job {job.id}: {job.total_items} items, recipe {job.recipe_name}, {job.status}")
     if notice:
@@ -89,10 +107,11 @@ def _rejected_rule(value: str) -> str:
 
 def export(
     job_id: JobArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
-    export_format: Annotated[
-        ExportFormat, typer.Option("--format", help="What to write.")
-    ] = ExportFormat.JSONL,
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="File to write: .json (AlpacaEval's list), .jsonl or .parquet."),
+    ],
+    write_format: OutputFormatOption = None,
     rejected: Annotated[
         str,
         typer.Option(
@@ -107,6 +126,10 @@ def export(
     """Download a job's finished results (the job may still run); the metadata record goes beside them."""
     if not output.parent.is_dir():
         raise fail(f"--output: no folder {output.parent} to write {output.name} in")
+    try:
+        export_format = output_format(output, write_format)
+    except ExportError as exc:
+        raise fail_on(exc) from None
     with _api(url, token) as client, client.results(job_id, export_format, rejected=rejected) as download:
         save_atomically(output, download.chunks, download.metadata)
     console.print(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,10 +19,12 @@ from db.session import session_scope
 from orchestrator.celery_app import app as celery_app
 from orchestrator.celery_app import configure
 from orchestrator.cli.console import POLL_INTERVAL_S, console, fail, fail_on, save_atomically
+from orchestrator.cli.options import FieldOption, InputFormatOption, OutputFormatOption
 from orchestrator.embedded import private_redis, worker_process
 from orchestrator.errors import RecipeError, SlimMoAError
+from orchestrator.export_files import answers, output_format
 from orchestrator.exports import ExportFormat, open_export
-from orchestrator.inputs import read_records
+from orchestrator.inputs import FieldMap, read_records
 from orchestrator.recipes import Recipe, load_recipe, missing_local_weights
 from orchestrator.settings import Settings, get_settings
 from orchestrator.submission import Submission, enqueue_job, store_job
@@ -53,18 +54,28 @@ def _checked_recipe(name: str, settings: Settings) -> Recipe:
 
 
 def run(
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="JSONL or AlpacaEval-style JSON list.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write one JSON object per line.")],
+    input_path: Annotated[
+        Path, typer.Argument(metavar="INPUT", help="JSONL, JSON list (AlpacaEval), Parquet or CSV.")
+    ],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="Where to write: .json (AlpacaEval's list), .jsonl or .parquet."),
+    ],
     recipe: Annotated[str, typer.Option(help="Recipe name (recipes/NAME.yaml) or path.")] = "embedded",
     limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N records.")] = None,
     name: Annotated[str | None, typer.Option(help="A name for the job.")] = None,
     show: Annotated[bool, typer.Option(help="Print every aggregated answer at the end.")] = False,
+    input_format: InputFormatOption = None,
+    field: FieldOption = None,
+    write_format: OutputFormatOption = None,
 ) -> None:
     """Run one job all-in-one: a private Redis unless REDIS_URL, ./slimmoa.db unless DATABASE_URL."""
     settings = get_settings()
     try:
         chosen = _checked_recipe(recipe, settings)
-        records = read_records(input_path, limit)
+        export_format = output_format(output, write_format)
+        fields = FieldMap.parse(field or [])
+        records = read_records(input_path, limit, input_format=input_format, fields=fields)
         with embedded_services(settings) as services:
             url = services.database_url
             with session_scope(url) as session:
@@ -77,13 +88,12 @@ def run(
                 status = _follow(services, job_id, worker, log_path)
     except SlimMoAError as exc:
         raise fail_on(exc) from None
-    _write_export(url, job_id, ExportFormat.JSONL, output)
+    _write_export(url, job_id, export_format, output)
     pools = _write_export(url, job_id, ExportFormat.POOLS, output.with_name(output.stem + ".pools.jsonl"))
     with session_scope(url) as session:
         counts = job_progress.count_rows(session, job_id)
     if show:
-        for line in output.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
+        for record in answers(url, job_id):
             console.rule(f"[bold]{record['id']}[/bold] {record['instruction'][:70]}")
             console.print(record["output"], markup=False, highlight=False)
     console.print(

@@ -1,0 +1,183 @@
+"""The text writers of exports: one function per line format, and which candidate a preference pair
+rejects. `orchestrator.exports` chooses among them (and writes Parquet itself)."""
+
+from __future__ import annotations
+
+import enum
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from db.models import Candidate, Item, Output
+from orchestrator.errors import ExportError
+
+if TYPE_CHECKING:
+    from orchestrator.exports import ExportMetadata
+
+__all__ = [
+    "ExportContext",
+    "Rejected",
+    "RejectedRule",
+    "Rows",
+    "alpaca_eval_lines",
+    "item_id",
+    "jsonl_lines",
+    "pool_records",
+    "pools_lines",
+    "preference_lines",
+    "sft_lines",
+]
+
+Rows = Iterator[tuple[Item, Output | None]]
+
+
+class RejectedRule(enum.StrEnum):
+    SHORTEST = "shortest"
+    LONGEST = "longest"
+    RANDOM = "random"  # seeded by the item's id: the same export twice rejects the same candidates
+    MODEL = "model"  # `model:NAME`: that model's candidate (its lowest slot when it samples several)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Which candidate of the final layer's pool a preference pair rejects.
+
+    Eligible are the candidates that succeeded and whose text differs from the aggregated output
+    (ignoring surrounding white space); an item with none is left out of the export. Ties go to the
+    lowest slot.
+    """
+
+    rule: RejectedRule = RejectedRule.SHORTEST
+    model: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Rejected:
+        """`shortest`, `longest`, `random` or `model:NAME`; ExportError naming the choices otherwise."""
+        name, colon, model = text.partition(":")
+        if name == RejectedRule.MODEL and colon and model:
+            return cls(RejectedRule.MODEL, model)
+        if not colon and name in set(RejectedRule) - {RejectedRule.MODEL}:
+            return cls(RejectedRule(name))
+        raise ExportError("rejected", f"expected shortest, longest, random or model:NAME, got {text!r}")
+
+    def __str__(self) -> str:
+        return f"{self.rule}:{self.model}" if self.rule == RejectedRule.MODEL else str(self.rule)
+
+    def choose(self, item_id: int, pool: Sequence[Candidate], output: str) -> Candidate | None:
+        """The rejected candidate of one item's final-layer pool (in slot order), or None."""
+        eligible = sorted(
+            (c for c in pool if c.ok and c.text is not None and c.text.strip() != output.strip()),
+            key=lambda c: c.slot,
+        )
+        if self.rule == RejectedRule.MODEL:
+            eligible = [c for c in eligible if c.model == self.model]
+        if not eligible:
+            return None
+        if self.rule == RejectedRule.SHORTEST:
+            return min(eligible, key=lambda c: len(c.text or ""))
+        if self.rule == RejectedRule.LONGEST:
+            return max(eligible, key=lambda c: len(c.text or ""))
+        if self.rule == RejectedRule.RANDOM:
+            return random.Random(item_id).choice(eligible)
+        return eligible[0]
+
+
+@dataclass(frozen=True)
+class ExportContext:
+    """What a writer needs besides the rows."""
+
+    metadata: ExportMetadata
+    final_layer: int = 0
+    rejected: Rejected = field(default_factory=Rejected)
+
+
+def _dump(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def item_id(item: Item) -> str:
+    return item.external_id or str(item.position)
+
+
+def _answer(item: Item, output: Output, generator: str) -> dict[str, Any]:
+    return {
+        "id": item_id(item),
+        "instruction": item.instruction,
+        "output": output.text,
+        "generator": generator,
+        "dataset": item.dataset or "",
+    }
+
+
+def _prompt(item: Item) -> dict[str, Any]:
+    """The fields of an example's prompt: `system` only where the item has one."""
+    record = {"id": item_id(item), "instruction": item.instruction}
+    return record | ({"system": item.system} if item.system is not None else {})
+
+
+def jsonl_lines(rows: Rows, context: ExportContext) -> Iterator[str]:
+    """One JSON object a line per item with an output (failed items have none)."""
+    for item, output in rows:
+        if output is not None:
+            yield _dump(_answer(item, output, context.metadata.generator))
+
+
+def alpaca_eval_lines(rows: Rows, context: ExportContext) -> Iterator[str]:
+    """AlpacaEval's model-outputs file: a JSON list, one element a line."""
+    yield "["
+    separator = "\n"
+    for line in jsonl_lines(rows, context):
+        yield separator + line.rstrip("\n")
+        separator = ",\n"
+    yield "\n]\n"
+
+
+def pool_records(item: Item) -> list[dict[str, Any]]:
+    return [
+        {"layer": c.layer, "slot": c.slot, "model": c.model, "text": c.text, "error": c.error}
+        for c in item.candidates
+    ]
+
+
+def pools_lines(rows: Rows, context: ExportContext) -> Iterator[str]:
+    """Every finished item with its whole candidate pool (per layer and slot), its status and output."""
+    for item, output in rows:
+        record = {
+            "id": item_id(item),
+            "instruction": item.instruction,
+            "status": item.status,
+            "error": item.error,
+            "candidates": pool_records(item),
+            "output": output.text if output else None,
+            "truncation": item.truncation,
+        }
+        yield _dump(record)
+
+
+def sft_lines(rows: Rows, context: ExportContext) -> Iterator[str]:
+    """Supervised fine-tuning examples: the prompt and the aggregated output, per item with an output."""
+    for item, output in rows:
+        if output is not None:
+            yield _dump(_prompt(item) | {"output": output.text})
+
+
+def preference_lines(rows: Rows, context: ExportContext) -> Iterator[str]:
+    """Preference pairs: the aggregated output as chosen, a final-layer candidate (by the rule) rejected."""
+    for item, output in rows:
+        if output is None:
+            continue
+        pool = [c for c in item.candidates if c.layer == context.final_layer]
+        rejected = context.rejected.choose(item.id, pool, output.text)
+        if rejected is None:
+            continue
+        yield _dump(
+            _prompt(item)
+            | {
+                "chosen": output.text,
+                "rejected": rejected.text,
+                "rejected_model": rejected.model,
+                "rejected_slot": rejected.slot,
+            }
+        )
