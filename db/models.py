@@ -133,6 +133,9 @@ class Item(Base):
     dataset: Mapped[str | None] = mapped_column(String(200))
     instruction: Mapped[str] = mapped_column(Text)
     system: Mapped[str | None] = mapped_column(Text)
+    # A chat record's whole conversation ([{role, content}], ending with `instruction` as the user's
+    # turn); None for a one-turn prompt (instruction and system alone).
+    messages: Mapped[list[Any] | None]
     status: Mapped[str] = mapped_column(String(16), default=ItemStatus.PENDING, index=True)
     error: Mapped[str | None] = mapped_column(Text)
     # One TruncationRecord per stage whose pool had to be cut to fit the model's context.

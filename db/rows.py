@@ -20,6 +20,7 @@ class NewItem:
     external_id: str | None = None
     dataset: str | None = None
     system: str | None = None
+    messages: list[dict[str, str]] | None = None
 
 
 @dataclass(frozen=True)

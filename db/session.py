@@ -11,13 +11,18 @@ from contextlib import contextmanager, suppress
 from functools import cache
 from typing import Any, NamedTuple, cast
 
+import psycopg
 from sqlalchemy import Connection, Dialect, Engine, Executable, create_engine, event
-from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
-__all__ = ["StageConnection", "get_engine", "session_scope", "statement_scope"]
+__all__ = ["DATABASE_UNAVAILABLE", "StageConnection", "get_engine", "session_scope", "statement_scope"]
+
+# What a database that is restarting, unreachable or out of connections raises: SQLAlchemy's wrappers,
+# and the driver's own errors where a connection is opened outside SQLAlchemy's wrapping.
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)
 
 
 @cache

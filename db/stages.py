@@ -56,6 +56,8 @@ class StageRead:
     job_id: str
     instruction: str
     system: str | None
+    # The conversation of a chat record ([{role, content}]), None for a one-turn prompt.
+    messages: list[dict[str, str]] | None
     status: str
     job_status: str
     # Rows of the layers read, ordered by layer and slot.
@@ -75,7 +77,7 @@ def _stage_read(candidates: Any) -> Any:
     """The item with its job's status, joined to the candidate rows that `candidates` selects."""
     columns = (Candidate.id, Candidate.layer, Candidate.slot, Candidate.text, Candidate.error)
     return (
-        select(Item.job_id, Item.instruction, Item.system, Item.status, Job.status, *columns)
+        select(Item.job_id, Item.instruction, Item.system, Item.messages, Item.status, Job.status, *columns)
         .join(Job, Job.id == Item.job_id)
         .outerjoin(Candidate, and_(Candidate.item_id == Item.id, candidates))
         .where(Item.id == bindparam("item_id"))
@@ -97,10 +99,10 @@ def _read(db: StageConnection, statement: Any, params: dict[str, Any]) -> StageR
     rows = db.rows(statement, params)
     if not rows:
         return None
-    job_id, instruction, system, status, job_status = rows[0][:5]
+    job_id, instruction, system, messages, status, job_status = rows[0][:6]
     # An item without candidate rows comes back as one row whose candidate columns are NULL.
-    candidates = [CandidateRow._make(row[5:]) for row in rows if row[5] is not None]
-    return StageRead(job_id, instruction, system, status, job_status, candidates)
+    candidates = [CandidateRow._make(row[6:]) for row in rows if row[6] is not None]
+    return StageRead(job_id, instruction, system, messages, status, job_status, candidates)
 
 
 def read_proposer(db: StageConnection, item_id: int, layer: int, slot: int) -> StageRead | None:

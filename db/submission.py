@@ -47,6 +47,7 @@ def insert_job(
                 "dataset": item.dataset,
                 "instruction": item.instruction,
                 "system": item.system,
+                "messages": item.messages,
                 "status": ItemStatus.PENDING,
             }
             for position, item in enumerate(items)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["ChatMessage", "InputRecord", "RetryResult", "RetryStage", "TruncationRecord"]
 
@@ -16,9 +16,18 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
+    @field_validator("content")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
+
 
 class InputRecord(BaseModel):
-    """One prompt of a job. AlpacaEval files carry more keys (output, generator): they are ignored."""
+    """One prompt of a job: an `instruction` (with an optional `system`), or a conversation in OpenAI's
+    `messages` format ending with a user turn, whose last user turn is then the instruction. AlpacaEval
+    files carry more keys (output, generator): they are ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -26,6 +35,42 @@ class InputRecord(BaseModel):
     id: str | None = Field(default=None, max_length=200)
     dataset: str | None = Field(default=None, max_length=200)
     system: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _instruction_of_a_conversation(cls, data: object) -> object:
+        # A conversation names its instruction (the last turn) and system (a leading system turn).
+        if not isinstance(data, dict) or not isinstance(data.get("messages"), list) or "instruction" in data:
+            return data
+        turns = [m for m in data["messages"] if isinstance(m, dict)]
+        derived = dict(data)
+        if turns and turns[-1].get("role") != "user":
+            raise ValueError("messages: the last message must be the user's (the turn to answer)")
+        if turns:
+            derived["instruction"] = turns[-1].get("content")
+        if turns and turns[0].get("role") == "system":
+            derived.setdefault("system", turns[0].get("content"))
+        return derived
+
+    @model_validator(mode="after")
+    def _a_conversation_ends_with_its_instruction(self) -> InputRecord:
+        if self.messages is None:
+            return self
+        if self.messages[-1].role != "user":
+            raise ValueError("messages: the last message must be the user's (the turn to answer)")
+        if any(m.role == "system" for m in self.messages[1:]):
+            raise ValueError("messages: a system message may only come first")
+        if self.messages[-1].content != self.instruction:
+            raise ValueError("messages: the instruction must be the last user message (give one of the two)")
+        leading = self.messages[0].content if self.messages[0].role == "system" else None
+        if self.system is not None and leading != self.system:
+            raise ValueError("messages: the system prompt must be the leading system message (give one)")
+        return self
+
+    def history(self) -> list[ChatMessage]:
+        """The turns before the instruction, without the system prompt: what a proposer sees before it."""
+        return [m for m in (self.messages or [])[:-1] if m.role != "system"]
 
     @field_validator("id", mode="before")
     @classmethod

@@ -112,9 +112,11 @@ def _answer(item: Item, output: Output, generator: str) -> dict[str, Any]:
 
 
 def _prompt(item: Item) -> dict[str, Any]:
-    """The fields of an example's prompt: `system` only where the item has one."""
+    """The fields of an example's prompt: `system` and the conversation (`messages`) only where the
+    item has them."""
     record = {"id": item_id(item), "instruction": item.instruction}
-    return record | ({"system": item.system} if item.system is not None else {})
+    record |= {"system": item.system} if item.system is not None else {}
+    return record | ({"messages": item.messages} if item.messages is not None else {})
 
 
 def jsonl_lines(rows: Rows, context: ExportContext) -> Iterator[str]:
@@ -147,6 +149,7 @@ def pools_lines(rows: Rows, context: ExportContext) -> Iterator[str]:
         record = {
             "id": item_id(item),
             "instruction": item.instruction,
+            **({"messages": item.messages} if item.messages is not None else {}),
             "status": item.status,
             "error": item.error,
             "candidates": pool_records(item),

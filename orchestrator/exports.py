@@ -137,10 +137,12 @@ _CANDIDATE = pa.struct(
         ("error", pa.string()),
     ]
 )
+_MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 PARQUET_FIELDS = [
     ("id", pa.string()),
     ("instruction", pa.string()),
     ("system", pa.string()),
+    ("messages", pa.list_(_MESSAGE)),
     ("dataset", pa.string()),
     ("output", pa.string()),
     ("status", pa.string()),
@@ -191,6 +193,7 @@ def parquet_chunks(rows: Rows, context: ExportContext) -> Iterator[bytes]:
                 "id": item_id(item),
                 "instruction": item.instruction,
                 "system": item.system,
+                "messages": item.messages,
                 "dataset": item.dataset,
                 "output": output.text,
                 "status": item.status,

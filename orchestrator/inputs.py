@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 # The fields of a record a column can be mapped to (`InputRecord`'s).
-FIELDS = ("instruction", "id", "dataset", "system")
+FIELDS = ("instruction", "id", "dataset", "system", "messages")
 PARQUET_MAGIC = b"PAR1"
 
 
@@ -116,7 +116,7 @@ class FieldMap:
                     continue
                 if target in self.sources:
                     raise InputError(f"{source}: no column {column!r} (mapped to {target}); columns: {have}")
-                if target == "instruction":
+                if target == "instruction" and self.source("messages") not in names:
                     raise InputError(
                         f"{source}: no column 'instruction' (columns: {have}); "
                         "map one with --field instruction=COLUMN (API: fields)"

@@ -3,10 +3,15 @@
 The aggregator prompt is Together MoA's, unchanged; the numbered candidates follow it ("1. ...").
 It goes into the system message, or into the user turn when the model's chat template has no
 system role (Gemma-2). Proposers of layer k > 1 receive the layer k-1 pool the same way.
+
+A conversation (a chat record) is its earlier turns (`history`) and the user turn to answer (the
+instruction): every stage sees the whole conversation, and without a system role the pool goes into
+the turn to answer, the user's own system prompt into the first turn.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 from typing import Protocol
@@ -102,6 +107,7 @@ def build_stage_prompt(
     instruction: str,
     *,
     system: str | None = None,
+    history: Sequence[ChatMessage] = (),
     references: list[str] | None = None,
     system_supported: bool = True,
     context_length: int,
@@ -111,17 +117,19 @@ def build_stage_prompt(
 ) -> StagePrompt:
     """Messages for one generation: the item's own turns, with the pool injected when there is one.
 
-    `references` is the previous layer's pool (for the aggregator: the last layer's). Candidates are
-    truncated fairly when prompt + pool + `max_tokens` would not fit `context_length`.
+    `history` holds a conversation's turns before the instruction. `references` is the previous
+    layer's pool (for the aggregator: the last layer's). Candidates are truncated fairly when prompt +
+    pool + `max_tokens` would not fit `context_length`.
     """
     messages: list[ChatMessage] = []
     if system:
         messages.append(ChatMessage(role="system", content=system))
-    messages.append(ChatMessage(role="user", content=instruction))
+    messages += [*history, ChatMessage(role="user", content=instruction)]
     if not references:
         return StagePrompt(_merge_system(messages) if not system_supported else messages, None)
 
     fixed = tokenizer.count(aggregator_prompt()) + tokenizer.count(instruction)
+    fixed += sum(tokenizer.count(turn.content) for turn in history)
     fixed += tokenizer.count(system or "") + TEMPLATE_OVERHEAD_TOKENS
     numbering = sum(tokenizer.count(f"\n{i}. ") for i in range(1, len(references) + 1))
     budget = context_length - max_tokens - fixed - numbering
@@ -132,6 +140,11 @@ def build_stage_prompt(
         )
     fitted, truncation = fit_references(references, budget, tokenizer, layer)
     block = _references_block(fitted)
+    if history and not system_supported:
+        # The pool belongs with the turn it answers, not with the conversation's first turn.
+        turns = _merge_system(messages)
+        last = ChatMessage(role="user", content=block + "\n\n" + turns[-1].content)
+        return StagePrompt([*turns[:-1], last], truncation)
     if messages[0].role == "system":
         messages[0] = ChatMessage(role="system", content=messages[0].content + "\n\n" + block)
     else:

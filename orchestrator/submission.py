@@ -65,7 +65,13 @@ def store_job(session: Session, job: Submission, idempotency_key: str | None = N
     if not job.records:
         raise InputError("items: a job needs at least one item")
     items = [
-        NewItem(instruction=r.instruction, external_id=r.id, dataset=r.dataset, system=r.system)
+        NewItem(
+            instruction=r.instruction,
+            external_id=r.id,
+            dataset=r.dataset,
+            system=r.system,
+            messages=[m.model_dump() for m in r.messages] if r.messages else None,
+        )
         for r in job.records
     ]
     return submission.insert_job(

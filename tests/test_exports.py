@@ -189,6 +189,7 @@ def test_parquet_round_trips_with_the_metadata_in_the_file(
             "id": item.external_id,
             "instruction": item.instruction,
             "system": item.system,
+            "messages": item.messages,
             "dataset": item.dataset,
             "output": output.text,
             "status": "degraded",

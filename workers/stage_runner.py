@@ -21,10 +21,9 @@ from typing import Any, TypeVar
 
 from celery import Task
 from celery.signals import worker_shutdown
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from db import residency
-from db.session import session_scope
+from db.session import DATABASE_UNAVAILABLE, session_scope
 from orchestrator.settings import Settings, get_settings
 from workers.engine_host import EngineHost, LoadEvent, Spec
 from workers.engines import ChatRequest, Engine, Generation
@@ -128,7 +127,7 @@ def ride_out_database(work: Callable[[], T]) -> T:
     while True:
         try:
             return work()
-        except (OperationalError, InterfaceError) as exc:
+        except DATABASE_UNAVAILABLE as exc:
             if time.monotonic() + delay > deadline:
                 raise
             log.warning("database unavailable (%s); trying again in %.1f s", type(exc).__name__, delay)

@@ -11,7 +11,7 @@ attempt counted on the row), a permanent failure (recorded at once) — see `wor
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Task
@@ -21,6 +21,7 @@ from db.models import ItemStatus
 from db.rows import GenerationRecord
 from db.session import statement_scope
 from orchestrator.celery_app import TASK_AGGREGATOR, TASK_PROPOSER, app
+from orchestrator.contracts import ChatMessage
 from orchestrator.job_recipes import job_recipe
 from orchestrator.prompts import build_stage_prompt
 from orchestrator.recipes import Recipe, SamplingSpec
@@ -53,7 +54,15 @@ class _Stage:
     instruction: str
     system: str | None
     references: list[str]
+    # A conversation's turns before the instruction (empty for a one-turn prompt).
+    history: list[ChatMessage] = field(default_factory=list)
     truncation: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, item: stages.StageRead, references: list[str]) -> _Stage:
+        turns = [ChatMessage.model_validate(m) for m in (item.messages or [])[:-1]]
+        history = [turn for turn in turns if turn.role != "system"]
+        return cls(item.job_id, item.instruction, item.system, references, history)
 
 
 def _attempt(
@@ -66,6 +75,7 @@ def _attempt(
         prompt = build_stage_prompt(
             stage.instruction,
             system=stage.system,
+            history=stage.history,
             references=stage.references,
             system_supported=engine.system_supported,
             context_length=spec.context_length,
@@ -110,7 +120,7 @@ def run_proposer(self: Task, item_id: int, layer: int, slot: int) -> int | None:
     if existing is not None and existing.ok:
         return existing.id
     references = [c.text for c in item.pool(layer - 1) if c.ok and c.text]
-    stage = _Stage(item.job_id, item.instruction, item.system, references)
+    stage = _Stage.of(item, references)
     spec = recipe.slots(layer)[slot]
     request_id = f"{item_id}_{layer}_{slot}_{attempts(self)}"
     record = _attempt(self, stage, recipe, spec.model, spec.sampling, layer, request_id)
@@ -154,7 +164,7 @@ def run_aggregator(self: Task, item_id: int) -> str | None:
     if len(references) < recipe.min_pool:
         reason = f"pool has {len(references)} of {expected} candidates, fewer than min_pool={recipe.min_pool}"
         return _finish(url, item_id, ItemStatus.FAILED, reason + (f"; {failures}" if failures else ""))
-    stage = _Stage(item.job_id, item.instruction, item.system, references)
+    stage = _Stage.of(item, references)
     aggregator = recipe.aggregator
     request_id = f"{item_id}_agg_{attempts(self)}"
     record = _attempt(self, stage, recipe, aggregator.model, aggregator.sampling, last + 1, request_id)
