@@ -69,7 +69,11 @@ def configure(celery: Celery, settings: Settings) -> None:
         },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        include=["orchestrator.canvas", "orchestrator.recovery"],
+        # What Flower shows: every worker sends task events from its start, not only once Flower
+        # has asked for them.
+        worker_send_task_events=settings.task_events,
+        # orchestrator.fleet: the `slimmoa_models` inspect command every worker answers.
+        include=["orchestrator.canvas", "orchestrator.recovery", "orchestrator.fleet"],
         # The recovery sweep, when a worker runs with --beat: the database is enough to finish a job.
         beat_schedule={
             "recovery-sweep": {"task": TASK_RECOVER, "schedule": settings.recovery_interval_s},

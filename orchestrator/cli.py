@@ -189,16 +189,40 @@ def worker(
         bool, typer.Option(help="Also run the periodic recovery sweep (one worker only).")
     ] = False,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on this port.")] = None,
+    models: Annotated[
+        str | None,
+        typer.Option(
+            help="The models this worker serves: comma-separated names, globs or recipe names "
+            "(WORKER_MODELS); default: every model."
+        ),
+    ] = None,
+    hostname: Annotated[
+        str | None,
+        typer.Option("--hostname", "-n", help="Node name, NAME@HOST (%h: this host); unique per worker."),
+    ] = None,
 ) -> None:
     """Start a Celery worker. Inference roles host the engines (threads pool: vLLM cannot live in a
     prefork child) and consume per-model queues by affinity, within the memory budget."""
+    from orchestrator.logs import use_for_celery
+
     if memory_gb is not None:
         os.environ["WORKER_MEMORY_GB"] = str(memory_gb)
-        get_settings.cache_clear()
-        configure(celery_app, get_settings())
+    if models is not None:
+        os.environ["WORKER_MODELS"] = models
+    get_settings.cache_clear()
+    configure(celery_app, get_settings())
     settings = get_settings()
     if not settings.redis_url or not settings.database_url:
         raise _fail("a worker needs REDIS_URL and DATABASE_URL")
+    if settings.worker_models and role == WorkerRole.CONTROL:
+        raise _fail("--models / WORKER_MODELS: a control worker serves no models")
+    try:
+        from orchestrator.fleet import worker_selection
+
+        worker_selection(settings)
+    except ValueError as exc:  # SelectionError: a recipe in the list does not load
+        raise _fail(str(exc)) from None
+    use_for_celery(settings.log_format)
     queues = []
     if role != WorkerRole.INFERENCE:
         queues.append(settings.queue_control)
@@ -220,6 +244,8 @@ def worker(
 
     celery_app.worker_main(
         [
+            # JSON logs: no banner on stdout, so every line of the worker's output is one object.
+            *(["--quiet"] if settings.log_format == "json" else []),
             "worker",
             "--pool",
             "threads",
@@ -231,6 +257,7 @@ def worker(
             loglevel,
             "--without-gossip",
             "--without-mingle",
+            *(["--hostname", hostname] if hostname else []),
             # Interval schedules only: beat's state file can live in the temp folder.
             *(
                 ["--beat", "--schedule", str(Path(tempfile.gettempdir()) / f"slimmoa-beat-{os.getpid()}")]
@@ -355,10 +382,40 @@ def api(
     """Serve the HTTP API (uvicorn); OpenAPI at /docs and /openapi.json."""
     import uvicorn
 
+    from orchestrator.logs import configure_logging
+
     settings = get_settings()
     if not settings.redis_url or not settings.database_url:
         raise _fail("the API needs REDIS_URL and DATABASE_URL")
-    uvicorn.run("orchestrator.api.app:create_app", factory=True, host=host, port=port, workers=workers)
+    options: dict[str, Any] = {}
+    if settings.log_format == "json":
+        configure_logging("json")
+        options["log_config"] = None  # uvicorn's loggers propagate to the JSON handler
+    uvicorn.run(
+        "orchestrator.api.app:create_app", factory=True, host=host, port=port, workers=workers, **options
+    )
+
+
+@cli.command()
+def flower(
+    port: Annotated[int, typer.Option(help="TCP port.")] = 5555,
+    address: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    basic_auth: Annotated[
+        str | None,
+        typer.Option(help="user:password (several comma-separated); FLOWER_BASIC_AUTH in the environment."),
+    ] = None,
+    insecure_local: Annotated[bool, typer.Option(help="Serve without a login, on 127.0.0.1 only.")] = False,
+) -> None:
+    """Serve Flower (workers, queues, tasks) for this app; it refuses to start without a login."""
+    from orchestrator.flower import FlowerConfigError, serve
+
+    settings = get_settings()
+    if not settings.redis_url:
+        raise _fail("Flower needs REDIS_URL")
+    try:
+        serve(celery_app, settings, address, port, basic_auth=basic_auth, insecure_local=insecure_local)
+    except FlowerConfigError as exc:
+        raise _fail(str(exc)) from None
 
 
 @cli.command()
@@ -403,6 +460,12 @@ def _show_job(job: JobDetailPublic) -> None:
         + (f"; {job.progress.items_per_second:.2f} items/s" if job.progress.items_per_second else "")
         + (f"; ETA {eta:.0f} s" if eta is not None else "")
     )
+    if job.unserved_models:
+        console.print(
+            "[yellow]no live worker serves:[/yellow] "
+            + ", ".join(job.unserved_models)
+            + " (their stages wait until a worker that serves them joins)"
+        )
     if job.engine.loads:
         console.print(
             f"model loads: {job.engine.loads} ({job.engine.load_seconds:.1f} s), "

@@ -43,6 +43,7 @@ from workers.metrics import (
     ENGINE_UNLOAD_SECONDS,
     OFFERED_BATCH,
     RESIDENT_GB,
+    TOKENS,
 )
 
 __all__ = ["EngineHost", "LoadEvent"]
@@ -85,6 +86,8 @@ class _Traffic:
         self.count = 0
         self.offered = OFFERED_BATCH.labels(model)
         self.gauge = ENGINE_IN_FLIGHT.labels(model)
+        self.prompt_tokens = TOKENS.labels(model, "prompt")
+        self.output_tokens = TOKENS.labels(model, "output")
 
 
 class EngineHost:
@@ -293,7 +296,7 @@ class EngineHost:
         traffic.offered.observe(in_flight)
         traffic.gauge.set(in_flight)
         try:
-            return self._run(engine.generate(request), self.settings.engine_request_timeout_s)
+            generation = self._run(engine.generate(request), self.settings.engine_request_timeout_s)
         except EngineUnavailable:
             if not engine.alive:
                 self._replace(engine)
@@ -302,6 +305,9 @@ class EngineHost:
             with self._count_lock:
                 traffic.count -= 1
                 traffic.gauge.set(traffic.count)
+        traffic.prompt_tokens.inc(generation.prompt_tokens)
+        traffic.output_tokens.inc(generation.output_tokens)
+        return generation
 
     # Health
 

@@ -110,7 +110,7 @@ def _generate(
     return generation, truncation
 
 
-def _record(model: str, generation: Generation, attempt: int) -> GenerationRecord:
+def _record(model: str, generation: Generation, attempt: int, worker: str | None) -> GenerationRecord:
     return GenerationRecord(
         model=model,
         text=generation.text,
@@ -119,6 +119,7 @@ def _record(model: str, generation: Generation, attempt: int) -> GenerationRecor
         latency_ms=generation.latency_ms,
         finish_reason=generation.finish_reason,
         attempt=attempt,
+        worker=worker,
     )
 
 
@@ -169,9 +170,11 @@ def run_proposer(self: Task, item_id: int, layer: int, slot: int) -> int | None:
         error = f"{spec.model}: {exc}"
     if generation is None:
         log.warning("proposer item=%s layer=%s slot=%s failed: %s", item_id, layer, slot, error)
-        record = GenerationRecord(model=spec.model, text=None, error=error, attempt=attempt)
+        record = GenerationRecord(
+            model=spec.model, text=None, error=error, attempt=attempt, worker=self.request.hostname
+        )
     else:
-        record = _record(spec.model, generation, attempt)
+        record = _record(spec.model, generation, attempt, self.request.hostname)
     with statement_scope(url) as db:
         candidate_id = stages.record_candidate(db, item_id, layer, slot, record)
     _STAGE_COUNTS["proposer", "failed" if generation is None else "ok"].inc()
@@ -226,7 +229,7 @@ def run_aggregator(self: Task, item_id: int) -> str | None:
     degraded = len(references) < expected
     status = ItemStatus.DEGRADED if degraded else ItemStatus.SUCCEEDED
     note = f"pool has {len(references)} of {expected} candidates; {'; '.join(failures)}" if degraded else None
-    record = _record(aggregator.model, generation, attempt)
+    record = _record(aggregator.model, generation, attempt, self.request.hostname)
     with statement_scope(url) as db:
         stages.finish_item(
             db,
