@@ -72,8 +72,7 @@ def configure(celery: Celery, settings: Settings) -> None:
         # What Flower shows: every worker sends task events from its start, not only once Flower
         # has asked for them.
         worker_send_task_events=settings.task_events,
-        # orchestrator.fleet: the `slimmoa_models` inspect command every worker answers.
-        include=["orchestrator.canvas", "orchestrator.recovery", "orchestrator.fleet"],
+        include=["orchestrator.canvas", "orchestrator.recovery"],
         # The recovery sweep, when a worker runs with --beat: the database is enough to finish a job.
         beat_schedule={
             "recovery-sweep": {"task": TASK_RECOVER, "schedule": settings.recovery_interval_s},
@@ -83,3 +82,7 @@ def configure(celery: Celery, settings: Settings) -> None:
 
 app = Celery("slimmoa")
 configure(app, get_settings())
+
+# Registers the `slimmoa_models` inspect command in every process that loads the app: workers answer
+# it, and `celery -A orchestrator.celery_app inspect slimmoa_models` can ask it.
+import orchestrator.fleet  # noqa: E402, F401

@@ -222,7 +222,7 @@ def worker(
         worker_selection(settings)
     except ValueError as exc:  # SelectionError: a recipe in the list does not load
         raise _fail(str(exc)) from None
-    use_for_celery(settings.log_format)
+    use_for_celery(settings.log_format, loglevel)
     queues = []
     if role != WorkerRole.INFERENCE:
         queues.append(settings.queue_control)

@@ -1,11 +1,10 @@
 """Which live workers serve which models, asked through Celery's remote control.
 
-Every worker answers the `slimmoa_models` inspect command (registered here; the worker imports this
-module through the app's `include`) with the models it serves (`orchestrator.ownership`) and whether it
-takes inference work from this deployment's queues at all: a worker that is draining (its
-`QUEUE_INFERENCE` consumer cancelled) or a control worker does not count. The API asks with one
-broadcast, cached a few seconds, and reports the models of a job that no live worker serves instead of
-letting the job wait silently.
+Every worker answers the `slimmoa_models` inspect command (registered here, imported with the app) with
+the models it serves (`orchestrator.ownership`) and whether it takes inference work from this
+deployment's queues at all: a worker that is draining (its `QUEUE_INFERENCE` consumer cancelled) or a
+control worker does not count. The API asks with one broadcast, cached a few seconds, and reports the
+models of a job that no live worker serves instead of letting the job wait silently.
 """
 
 from __future__ import annotations

@@ -116,14 +116,16 @@ def configure_logging(log_format: str, level: int | str = logging.INFO) -> None:
     logging.captureWarnings(True)
 
 
-def use_for_celery(log_format: str) -> None:
-    """In a worker started after this call, configure logging ourselves (Celery's own setup is skipped
-    while a `setup_logging` receiver is connected); text keeps Celery's format."""
+def use_for_celery(log_format: str, level: str = "INFO") -> None:
+    """JSON logs for a worker about to start: configured now, so that warnings Celery gives before its
+    own logging setup come out as JSON too, and kept (Celery skips its setup while a `setup_logging`
+    receiver is connected). Text keeps Celery's own format."""
     if log_format != "json":
         return
+    configure_logging(log_format, level.upper())
 
     def _setup(loglevel: int | str | None = None, **_: Any) -> None:
-        configure_logging(log_format, loglevel or logging.INFO)
+        configure_logging(log_format, loglevel or level.upper())
 
     setup_logging.connect(_setup, weak=False)
 

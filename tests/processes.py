@@ -22,8 +22,8 @@ from db.session import session_scope
 from tests.conftest import stop_process
 
 __all__ = [
-    "Started",
     "StageRow",
+    "Started",
     "private_deployment",
     "slimmoa_process",
     "stage_rows",
@@ -71,15 +71,24 @@ class Started:
 def wait_for_log(started: Started, needle: str, timeout: float = 90.0) -> None:
     """Wait until the process logged `needle`; fail with its last lines if it died or took too long."""
     deadline = time.monotonic() + timeout
-    while needle not in started.text() + (started.stderr.read_text(errors="replace") if started.stderr else ""):
+    while needle not in started.text() + (
+        started.stderr.read_text(errors="replace") if started.stderr else ""
+    ):
         if started.process.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"{started.log.name}: no {needle!r} within {timeout:.0f} s:\n{started.text()[-3000:]}")
+            pytest.fail(
+                f"{started.log.name}: no {needle!r} within {timeout:.0f} s:\n{started.text()[-3000:]}"
+            )
         time.sleep(0.2)
 
 
 @contextmanager
 def slimmoa_process(
-    args: Sequence[str], env: dict[str, str], log: Path, *, split_stderr: bool = False, stop_timeout: float = 60
+    args: Sequence[str],
+    env: dict[str, str],
+    log: Path,
+    *,
+    split_stderr: bool = False,
+    stop_timeout: float = 60,
 ) -> Iterator[Started]:
     """`slimmoa ARGS` as a child process (SIGTERM, then SIGKILL after `stop_timeout`, at the end)."""
     stderr_path = log.with_suffix(".stderr") if split_stderr else None
@@ -140,5 +149,8 @@ def stage_rows(database_url: str, job_id: str) -> list[StageRow]:
         StageRow(item, layer, slot, model, worker, error is None, created.timestamp())
         for item, layer, slot, model, worker, error, created in candidates
     ]
-    rows += [StageRow(item, None, None, model, worker, True, created.timestamp()) for item, model, worker, created in outputs]
+    rows += [
+        StageRow(item, None, None, model, worker, True, created.timestamp())
+        for item, model, worker, created in outputs
+    ]
     return rows

@@ -45,7 +45,16 @@ def deployment(
 def control(deployment: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Started]:
     """Dispatch, layer checks and the recovery sweep (beat), as the compose file's control worker."""
     log = tmp_path_factory.mktemp("control") / "control.log"
-    args = ["worker", "--role", "control", "--beat", "--concurrency", "4", "--hostname", f"ctl-{uuid.uuid4().hex[:6]}@%h"]
+    args = [
+        "worker",
+        "--role",
+        "control",
+        "--beat",
+        "--concurrency",
+        "4",
+        "--hostname",
+        f"ctl-{uuid.uuid4().hex[:6]}@%h",
+    ]
     with slimmoa_process(args, {**deployment, **SWEEP}, log) as started:
         wait_for_log(started, "ready.")
         yield started
@@ -147,7 +156,9 @@ aggregator: {{model: {p}-agg}}
     items, url = 40, deployment["DATABASE_URL"]
     with ExitStack() as stack:
         # Overlapping lists: a recipe's name on one host, a glob on the other.
-        started_a, a = stack.enter_context(inference_worker(deployment, tmp_path, "a", "--models", f"handover-{p}"))
+        started_a, a = stack.enter_context(
+            inference_worker(deployment, tmp_path, "a", "--models", f"handover-{p}")
+        )
         b = stack.enter_context(inference_worker(deployment, tmp_path, "b", WORKER_MODELS=f"{p}-*"))[1]
         job_id = start_job(deployment, recipe, items)
         wait_until(
@@ -156,7 +167,9 @@ aggregator: {{model: {p}-agg}}
             "worker a did not start on the job",
         )
         if stop == "drain":
-            destination = [n for n in celery_app.control.ping(timeout=1.0) for n in n if n.startswith(f"{a}@")]
+            destination = [
+                n for n in celery_app.control.ping(timeout=1.0) for n in n if n.startswith(f"{a}@")
+            ]
             celery_app.control.cancel_consumer(deployment["QUEUE_INFERENCE"], destination=destination)
             wait_until(lambda: holds_nothing(a), 30, "worker a did not drain")
         else:
