@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -22,6 +22,7 @@ from typing import Any
 
 from celery.signals import setup_logging, task_postrun, task_prerun
 
+from orchestrator.celery_app import TASK_DISPATCH
 from orchestrator.stage_info import stage_of
 
 __all__ = [
@@ -131,11 +132,17 @@ def use_for_celery(log_format: str, level: str = "INFO") -> None:
 
 
 @task_prerun.connect
-def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
-    """Bind the task and, for stage tasks, its job, item, layer, slot and model."""
+def _bind_task(
+    task_id: str | None = None, task: Any = None, args: Sequence[Any] | None = None, **_: Any
+) -> None:
+    """Bind the task and, for stage tasks, its job, item, layer, slot and model (a dispatch: its job)."""
     clear_stage()
+    name = getattr(task, "name", None)
     info = stage_of(getattr(task, "request", None))
-    bind_stage(task=getattr(task, "name", None), task_id=task_id, **(info.fields() if info else {}))
+    fields: dict[str, Any] = dict(info.fields()) if info else {}
+    if info is None and name == TASK_DISPATCH and args:
+        fields["job"] = args[0]
+    bind_stage(task=name, task_id=task_id, **fields)
 
 
 @task_postrun.connect
