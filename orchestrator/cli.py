@@ -461,11 +461,7 @@ def _show_job(job: JobDetailPublic) -> None:
         + (f"; ETA {eta:.0f} s" if eta is not None else "")
     )
     if job.unserved_models:
-        console.print(
-            "[yellow]no live worker serves:[/yellow] "
-            + ", ".join(job.unserved_models)
-            + " (their stages wait until a worker that serves them joins)"
-        )
+        console.print(_unserved_note(job.unserved_models))
     if job.engine.loads:
         console.print(
             f"model loads: {job.engine.loads} ({job.engine.load_seconds:.1f} s), "
@@ -474,13 +470,24 @@ def _show_job(job: JobDetailPublic) -> None:
         )
 
 
+def _unserved_note(models: list[str]) -> str:
+    return (
+        f"[yellow]no live worker serves:[/yellow] {', '.join(models)} "
+        "(their stages wait until a worker that serves them joins)"
+    )
+
+
 def _watch(client: ApiClient, job_id: str, interval: float) -> JobDetailPublic:
     """A live progress view (items and every stage) until the job ends."""
     columns = (TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         bars: dict[str, TaskID] = {}
+        unserved: list[str] = []
         while True:
             job = client.job(job_id)
+            if job.unserved_models and job.unserved_models != unserved:
+                progress.console.print(_unserved_note(job.unserved_models))
+            unserved = job.unserved_models
             rows = [("items", job.items_done, job.total_items)] + [
                 (_stage_label(s), s.finished + s.failed, s.expected) for s in job.progress.stages
             ]

@@ -19,7 +19,7 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
-from orchestrator.celery_app import TASK_PROPOSER
+from orchestrator.celery_app import TASK_PROPOSER, configure
 from orchestrator.celery_app import app as celery_app
 from orchestrator.cli import cli
 from orchestrator.fleet import Fleet, live_workers, unserved
@@ -63,8 +63,17 @@ def test_a_model_list_that_names_nothing_or_a_broken_recipe_is_refused(tmp_path:
         ModelSelection.parse("broken", tmp_path)
 
 
-def test_a_worker_with_a_bad_model_list_does_not_start(services: dict[str, str]) -> None:
-    result = CliRunner().invoke(cli, ["worker", "--role", "control", "--models", "a"])
+def test_a_worker_with_a_bad_model_list_does_not_start(
+    services: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The command exports WORKER_MODELS for the worker it starts: this process gets its own back after.
+    monkeypatch.setenv("WORKER_MODELS", "")
+    try:
+        result = CliRunner().invoke(cli, ["worker", "--role", "control", "--models", "a"])
+    finally:
+        monkeypatch.setenv("WORKER_MODELS", "")
+        get_settings.cache_clear()
+        configure(celery_app, get_settings())
     assert result.exit_code == 2 and "a control worker serves no models" in result.stderr
 
 

@@ -125,10 +125,15 @@ def wait_until(condition: object, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def node_names(node: str) -> list[str]:
+    """The full node name (NAME@HOST) of a live worker, as a control command's destination."""
+    replies = celery_app.control.ping(timeout=1.0) or []
+    return [name for reply in replies for name in reply if name.startswith(f"{node}@")]
+
+
 def holds_nothing(node: str) -> bool:
     """The worker consumes none of the stage queues and runs or holds no task."""
-    destination = [name for name in (celery_app.control.ping(timeout=1.0) or []) for name in name]
-    full = [name for name in destination if name.startswith(f"{node}@")]
+    full = node_names(node)
     inspector = celery_app.control.inspect(destination=full, timeout=1.0)
     queues = [q["name"] for qs in (inspector.active_queues() or {}).values() for q in qs]
     busy = [t for ts in (inspector.active() or {}).values() for t in ts]
@@ -167,10 +172,8 @@ aggregator: {{model: {p}-agg}}
             "worker a did not start on the job",
         )
         if stop == "drain":
-            destination = [
-                n for n in celery_app.control.ping(timeout=1.0) for n in n if n.startswith(f"{a}@")
-            ]
-            celery_app.control.cancel_consumer(deployment["QUEUE_INFERENCE"], destination=destination)
+            # As the runbook drains a host: cancel its consumer of the shared inference queue.
+            celery_app.control.cancel_consumer(deployment["QUEUE_INFERENCE"], destination=node_names(a))
             wait_until(lambda: holds_nothing(a), 30, "worker a did not drain")
         else:
             os.kill(started_a.process.pid, getattr(signal, stop))
