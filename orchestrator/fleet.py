@@ -110,11 +110,11 @@ class Fleet:
 
     def workers(self, settings: Settings) -> dict[str, ModelSelection]:
         with self._lock:
-            now = self.clock()
-            fresh = self._asked is not None and self._asked[0] == settings.queue_inference
-            if not fresh or now - self._asked[1] >= self.ttl:  # type: ignore[index]
+            asked = self._asked
+            queue = settings.queue_inference
+            if asked is None or asked[0] != queue or self.clock() - asked[1] >= self.ttl:
                 self._workers = live_workers(self.app, settings, self.timeout)
-                self._asked = (settings.queue_inference, self.clock())
+                self._asked = (queue, self.clock())
             return dict(self._workers)
 
     def unserved_models(self, recipe: Recipe, settings: Settings) -> list[str]:
