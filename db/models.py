@@ -171,6 +171,8 @@ class Candidate(Base):
     # Set when the slot failed after its retries; the text is then NULL.
     error: Mapped[str | None] = mapped_column(Text)
     attempt: Mapped[int] = mapped_column(Integer, default=1)
+    # The Celery node that ran the stage (`name@host`): which host served the model.
+    worker: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     item: Mapped[Item] = relationship(back_populates="candidates")
@@ -194,6 +196,8 @@ class Output(Base):
     output_tokens: Mapped[int | None] = mapped_column(Integer)
     latency_ms: Mapped[float | None] = mapped_column(Float)
     finish_reason: Mapped[str | None] = mapped_column(String(32))
+    # The Celery node that ran the aggregator.
+    worker: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     item: Mapped[Item] = relationship(back_populates="output")

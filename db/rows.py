@@ -35,6 +35,8 @@ class GenerationRecord:
     finish_reason: str | None = None
     error: str | None = None
     attempt: int = 1
+    # The worker node that ran the stage.
+    worker: str | None = None
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from orchestrator.job_recipes import job_recipe
 from orchestrator.recipes import Recipe
 from orchestrator.routing import aggregator_queue, proposer_queue
 from orchestrator.settings import get_settings
+from orchestrator.stage_info import StageInfo
 
 __all__ = ["aggregator_signature", "dispatch", "item_canvas", "layer_done"]
 
@@ -38,7 +39,7 @@ DISPATCH_BATCH = 200
 
 
 def item_canvas(
-    item_id: int, recipe: Recipe, layer: int = 0, slots: Sequence[int] | None = None
+    item_id: int, recipe: Recipe, layer: int = 0, slots: Sequence[int] | None = None, *, job_id: str
 ) -> Signature:
     """chord(proposers of `layer`, body): the body is the aggregator after the last layer, else
     `layer_done`, which checks the pool and sends the next layer's chord.
@@ -55,20 +56,31 @@ def item_canvas(
             args=(item_id, layer, slot),
             immutable=True,
             queue=proposer_queue(specs[slot].model),
+            **StageInfo(job_id, item_id, layer, slot, specs[slot].model).options(),
         )
         for slot in chosen
     )
     if layer == len(recipe.layers) - 1:
-        body = aggregator_signature(item_id, recipe)
+        body = aggregator_signature(item_id, recipe, job_id=job_id)
     else:
-        body = app.signature(TASK_LAYER_DONE, args=(item_id, layer), immutable=True)
+        body = app.signature(
+            TASK_LAYER_DONE,
+            args=(item_id, layer),
+            immutable=True,
+            **StageInfo(job_id, item_id, layer).options(),
+        )
     return chord(header, body)
 
 
-def aggregator_signature(item_id: int, recipe: Recipe) -> Signature:
+def aggregator_signature(item_id: int, recipe: Recipe, *, job_id: str) -> Signature:
     """The aggregator of one item, on its model's aggregation queue."""
+    model = recipe.aggregator.model
     return app.signature(
-        TASK_AGGREGATOR, args=(item_id,), immutable=True, queue=aggregator_queue(recipe.aggregator.model)
+        TASK_AGGREGATOR,
+        args=(item_id,),
+        immutable=True,
+        queue=aggregator_queue(model),
+        **StageInfo(job_id, item_id, model=model).options(),
     )
 
 
@@ -94,7 +106,7 @@ def dispatch(job_id: str) -> int:
         for item_id in item_ids[start : start + DISPATCH_BATCH]:
             # Not in this task's trail: Celery would keep every chord's results (and their result
             # subscriptions) until the whole job is dispatched, memory growing with the job.
-            item_canvas(item_id, recipe).apply_async(add_to_parent=False)
+            item_canvas(item_id, recipe, job_id=job_id).apply_async(add_to_parent=False)
     return len(item_ids)
 
 
@@ -130,7 +142,7 @@ def layer_done(item_id: int, layer: int) -> bool:
             )
             return False
         if len(survivors) >= recipe.min_pool:
-            item_canvas(item_id, recipe, layer + 1).apply_async()
+            item_canvas(item_id, recipe, layer + 1, job_id=item.job_id).apply_async()
             stages.mark_item_dispatched(db, item_id)
             return True
         failures = "; ".join(f"slot {c.slot}: {c.error}" for c in pool if not c.ok)

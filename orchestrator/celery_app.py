@@ -69,6 +69,12 @@ def configure(celery: Celery, settings: Settings) -> None:
         },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
+        # What Flower shows: every worker sends task events from its start, not only once Flower
+        # has asked for them.
+        worker_send_task_events=settings.task_events,
+        # The models this process serves as a worker, as its command chose them (read by the
+        # `slimmoa_models` inspect command, orchestrator.fleet).
+        slimmoa_worker_models=settings.worker_models,
         include=["orchestrator.canvas", "orchestrator.recovery"],
         # The recovery sweep, when a worker runs with --beat: the database is enough to finish a job.
         beat_schedule={
@@ -79,3 +85,7 @@ def configure(celery: Celery, settings: Settings) -> None:
 
 app = Celery("slimmoa")
 configure(app, get_settings())
+
+# Registers the `slimmoa_models` inspect command in every process that loads the app: workers answer
+# it, and `celery -A orchestrator.celery_app inspect slimmoa_models` can ask it.
+import orchestrator.fleet  # noqa: E402, F401

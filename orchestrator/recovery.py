@@ -37,6 +37,7 @@ from orchestrator.contracts import RetryResult, RetryStage
 from orchestrator.errors import JobNotFound, NotRetryable
 from orchestrator.recipes import Recipe
 from orchestrator.settings import get_settings
+from orchestrator.stage_info import StageInfo
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,9 @@ def retry_job(
     recipe = Recipe.model_validate(job.recipe)
     session.commit()
     for item_id in canvas:
-        item_canvas(item_id, recipe).apply_async()
+        item_canvas(item_id, recipe, job_id=job_id).apply_async()
     for item_id in aggregator:
-        aggregator_signature(item_id, recipe).apply_async()
+        aggregator_signature(item_id, recipe, job_id=job_id).apply_async()
     return RetryResult(
         job_id=job_id, items_reopened=reopened, proposer_items=canvas, aggregator_items=aggregator
     )
@@ -190,14 +191,16 @@ def sweep(database_url: str, *, grace_s: float | None = None) -> SweepResult:
         if name == TASK_PROPOSER:
             # Every missing slot goes into the new chord, even one still queued: the body must not
             # fire before all of them are stored. A duplicate finds its row and returns.
-            canvas = item_canvas(item_id, recipe, layer, [slot for *_, slot in due])
+            canvas = item_canvas(item_id, recipe, layer, [slot for *_, slot in due], job_id=item.job_id)
             canvas.apply_async(add_to_parent=False)  # as in dispatch: no trail of a sweep's chords
             result.proposer_chords += 1
         elif name == TASK_LAYER_DONE:
-            app.send_task(TASK_LAYER_DONE, args=(item_id, layer))
+            app.send_task(
+                TASK_LAYER_DONE, args=(item_id, layer), **StageInfo(item.job_id, item_id, layer).options()
+            )
             result.layer_checks += 1
         else:
-            aggregator_signature(item_id, recipe).apply_async()
+            aggregator_signature(item_id, recipe, job_id=item.job_id).apply_async()
             result.aggregators += 1
         sent.append(item_id)
     with session_scope(database_url) as session:

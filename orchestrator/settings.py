@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -79,6 +80,13 @@ class Settings(BaseSettings):
     worker_memory_gb: float | None = Field(default=None, gt=0)
     # How often an inference worker looks at its models' queues to choose which ones to consume.
     affinity_interval_s: float = Field(default=0.5, gt=0)
+    # The models an inference worker serves: comma-separated names, globs (`llama-*`) or recipe names
+    # (their models); empty: every model. `slimmoa worker --models` sets it.
+    worker_models: str = ""
+    # Celery task events (received, started, succeeded...) from every worker: what Flower shows.
+    task_events: bool = True
+    # `json`: one JSON object a line, with the job, item, layer, slot and model of stage work.
+    log_format: Literal["text", "json"] = "text"
     # Port of a worker's Prometheus /metrics (0: not served).
     worker_metrics_port: int = 0
     worker_metrics_host: str = "127.0.0.1"

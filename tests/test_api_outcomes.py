@@ -134,3 +134,25 @@ def test_a_submit_while_the_broker_is_down_is_kept_and_finishes_after_the_sweep(
         finally:
             stop_process(worker, timeout=30)
             worker_log.close()
+
+
+def test_status_watch_with_no_worker_for_the_job_exits_1_saying_so(
+    services: dict[str, str], tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {**services, "REDIS_URL": f"redis://127.0.0.1:{port}/0", "SLIMMOA_API_TOKEN": ""}
+    with redis_server(port, tmp_path), api_server(env, tmp_path / "api.log") as url:
+        job = httpx.post(f"{url}/v1/jobs", json=body(2), timeout=60).json()
+        started = time.monotonic()
+        watched = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", "status", job["id"], "--watch", "--api", url],
+            env={**os.environ, **env, "STALL_TIMEOUT_S": "3", "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert watched.returncode == 1, watched.stdout + watched.stderr
+    said = " ".join((watched.stdout + watched.stderr).split())
+    assert "no live worker serves: apio-a" in said
+    assert f"job {job['id']}: nothing moved for 3 s and no live worker takes the work" in said
+    assert time.monotonic() - started < 60

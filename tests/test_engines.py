@@ -89,6 +89,27 @@ def test_openai_engine_sends_the_request_and_reads_the_completion(monkeypatch: p
     assert (body["model"], body["seed"], body["max_tokens"]) == ("m", 5, 16)
 
 
+def test_openai_engine_stores_what_the_server_did_not_say_as_unknown() -> None:
+    answer = {"choices": [{"message": {"role": "assistant", "content": "Blue."}}]}
+    engine = openai_engine(httpx.MockTransport(lambda _: httpx.Response(200, json=answer)))
+    generation = asyncio.run(engine.generate(request()))
+    assert (generation.text, generation.prompt_tokens, generation.output_tokens) == ("Blue.", None, None)
+    assert generation.finish_reason is None, "no finish reason is not 'stop'"
+
+
+@pytest.mark.parametrize("content", ["", None])
+def test_openai_engine_refuses_an_empty_answer(content: str | None) -> None:
+    answer = {
+        "choices": [
+            {"message": {"role": "assistant", "content": content}, "finish_reason": "content_filter"}
+        ],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 0},
+    }
+    engine = openai_engine(httpx.MockTransport(lambda _: httpx.Response(200, json=answer)))
+    with pytest.raises(RequestRejected, match="empty answer \\(finish_reason=content_filter\\)"):
+        asyncio.run(engine.generate(request()))
+
+
 @pytest.mark.parametrize(
     ("status", "error"), [(500, EngineUnavailable), (429, EngineUnavailable), (400, RequestRejected)]
 )

@@ -24,6 +24,7 @@ from celery.worker import state as worker_state
 
 from db.residency import active_jobs
 from db.session import session_scope
+from orchestrator.ownership import EVERY_MODEL, ModelSelection
 from orchestrator.recipes import Recipe
 from orchestrator.routing import ModelQueues, model_queues
 from orchestrator.settings import Settings
@@ -67,11 +68,17 @@ class AffinityScheduler:
         switch: QueueSwitch,
         *,
         held: Callable[[], Counter[str]] = held_per_queue,
+        selection: ModelSelection = EVERY_MODEL,
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self.settings = settings
         self.host = host
         self.switch = switch
         self.held = held
+        # Only these models' queues are consumed: the worker's model list.
+        self.selection = selection
+        # True once an operator cancelled this worker's QUEUE_INFERENCE consumer: take nothing new.
+        self.draining = draining
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.consuming: set[str] = set()
         # A model chosen to be swapped in: only its queues are consumed until it is resident.
@@ -79,14 +86,15 @@ class AffinityScheduler:
         self._recipes: dict[str, Recipe] = {}
 
     def models(self) -> dict[str, ModelQueues]:
-        """The models of the jobs that may still have stages to run, with their queues."""
+        """The models this worker serves of the jobs that may still have stages to run, with their queues."""
         with session_scope(self.settings.database_url) as session:
             jobs = active_jobs(session)
         # Parsed once per job, forgotten when the job ends.
         self._recipes = {
             job_id: self._recipes.get(job_id) or Recipe.model_validate(data) for job_id, data in jobs
         }
-        return model_queues(list(self._recipes.values()))
+        found = model_queues(list(self._recipes.values()))
+        return {name: queues for name, queues in found.items() if self.selection.serves(name)}
 
     def backlog(self, models: dict[str, ModelQueues]) -> tuple[dict[str, int], dict[str, int]]:
         """Per model: tasks waiting or held here (all stages), and aggregations among them."""
@@ -103,6 +111,10 @@ class AffinityScheduler:
     def tick(self) -> None:
         """Look at the queues once and change what is consumed; called a few times a second."""
         self.host.check_liveness()
+        if self.draining():
+            self.target = None
+            self._consume(set())
+            return
         models = self.models()
         work, finishing = self.backlog(models)
         resident = self.host.resident_models()
@@ -153,14 +165,20 @@ class AffinityScheduler:
 class _ConsumerSwitch:
     """Queue changes made on the consumer's own loop, as Celery's add_consumer control command does."""
 
-    def __init__(self, consumer: Any) -> None:
+    def __init__(self, consumer: Any, queue: str) -> None:
         self.consumer = consumer
+        self.queue = queue
 
     def add(self, queue: str) -> None:
         self.consumer.call_soon(self.consumer.add_task_queue, queue)
 
     def cancel(self, queue: str) -> None:
         self.consumer.call_soon(self.consumer.cancel_task_queue, queue)
+
+    def draining(self) -> bool:
+        """The shared inference queue is no longer consumed (`celery control cancel_consumer`)."""
+        consumer = self.consumer.task_consumer
+        return consumer is not None and not consumer.consuming_from(self.queue)
 
 
 class AffinityStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -174,12 +192,16 @@ class AffinityStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self._thread: threading.Thread | None = None
 
     def start(self, parent: Any) -> None:
+        from orchestrator.fleet import worker_selection
         from workers.stage_runner import engine_host
 
         host = engine_host()
         settings = host.settings
         self._stopped.clear()
-        scheduler = AffinityScheduler(settings, host, _ConsumerSwitch(parent))
+        switch = _ConsumerSwitch(parent, settings.queue_inference)
+        selection = worker_selection(settings)
+        log.info("serving %s", selection.describe())
+        scheduler = AffinityScheduler(settings, host, switch, selection=selection, draining=switch.draining)
         # A consumer restarted after a broker outage keeps consuming the model queues it had.
         prefix = f"{settings.queue_inference}."
         scheduler.consuming = {q for q in parent.app.amqp.queues.consume_from or {} if q.startswith(prefix)}

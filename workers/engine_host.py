@@ -88,6 +88,8 @@ class _Traffic:
         self.count = 0
         self.offered = metrics.OFFERED_BATCH.labels(model)
         self.gauge = metrics.ENGINE_IN_FLIGHT.labels(model)
+        self.prompt_tokens = metrics.TOKENS.labels(model, "prompt")
+        self.output_tokens = metrics.TOKENS.labels(model, "output")
 
 
 class EngineHost:
@@ -347,7 +349,7 @@ class EngineHost:
         traffic.offered.observe(in_flight)
         traffic.gauge.set(in_flight)
         try:
-            return self._run(engine.generate(request), self.settings.engine_request_timeout_s)
+            generation = self._run(engine.generate(request), self.settings.engine_request_timeout_s)
         except EngineUnavailable:
             if not _alive(engine):
                 self._replace(engine)
@@ -356,6 +358,10 @@ class EngineHost:
             with self._count_lock:
                 traffic.count -= 1
                 traffic.gauge.set(traffic.count)
+        # Tokens an engine did not report (None) are not counted.
+        traffic.prompt_tokens.inc(generation.prompt_tokens or 0)
+        traffic.output_tokens.inc(generation.output_tokens or 0)
+        return generation
 
     # Health
 

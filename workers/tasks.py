@@ -87,16 +87,16 @@ def _attempt(
         return ChatRequest.build(request_id, prompt.messages, sampling)
 
     outcome = attempt_stage(task, model, spec, prepare, stage.job_id)
+    ran = {"model": model, "attempt": attempts(task), "worker": task.request.hostname}
     if isinstance(outcome, Failure):
-        return GenerationRecord(model=model, text=None, error=outcome.message, attempt=attempts(task))
+        return GenerationRecord(**ran, text=None, error=outcome.message)
     return GenerationRecord(
-        model=model,
+        **ran,
         text=outcome.text,
         prompt_tokens=outcome.prompt_tokens,
         output_tokens=outcome.output_tokens,
         latency_ms=outcome.latency_ms,
         finish_reason=outcome.finish_reason,
-        attempt=attempts(task),
     )
 
 

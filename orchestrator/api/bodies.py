@@ -209,6 +209,11 @@ class EngineLoadsPublic(BaseModel):
 class JobDetailPublic(JobPublic):
     progress: ProgressPublic
     engine: EngineLoadsPublic
+    unserved_models: list[str] = Field(
+        default=[],
+        description="While the job runs: its models that no live inference worker serves (their stages "
+        "wait until a worker with that model joins). Empty once the job has ended.",
+    )
 
 
 class ItemPublic(BaseModel):
@@ -243,6 +248,7 @@ class CandidatePublic(BaseModel):
     latency_ms: float | None
     finish_reason: str | None
     attempt: int
+    worker: str | None = Field(default=None, description="The worker node that ran the stage.")
 
 
 class LayerPublic(BaseModel):
@@ -260,6 +266,7 @@ class OutputPublic(BaseModel):
     output_tokens: int | None
     latency_ms: float | None
     finish_reason: str | None
+    worker: str | None = Field(default=None, description="The worker node that ran the aggregator.")
 
 
 class ItemDetailPublic(ItemPublic):

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from db import progress, residency
-from db.models import ItemStatus, JobStatus
+from db.models import FINAL_JOB_STATUSES, ItemStatus, JobStatus
 from orchestrator.api.bodies import (
     MAX_ID,
     NOTICE_HEADER,
@@ -36,6 +36,7 @@ from orchestrator.exports import (
     ExportFormat,
     open_export,
 )
+from orchestrator.fleet import unserved_models
 from orchestrator.recovery import retry_job
 from orchestrator.submission import submit_job
 
@@ -114,11 +115,18 @@ def list_jobs(session: SessionDep, page: PageDep, status: JobStatus | None = Non
 
 
 @router.get("/{job_id}", response_model=JobDetailPublic, responses=_NOT_FOUND)
-def read_job(job: JobDep, session: SessionDep) -> JobDetailPublic:
-    """The job with its progress: counts per stage and status, tokens, rate and ETA."""
+def read_job(job: JobDep, session: SessionDep, settings: SettingsDep) -> JobDetailPublic:
+    """The job with its progress: counts per stage and status, tokens, rate and ETA, and the models
+    that no live worker serves."""
     counts = ProgressPublic.of(job, progress.job_counts(session, job.id))
     loads = EngineLoadsPublic(**asdict(residency.load_stats(session, job.id)))
-    return JobDetailPublic(**JobPublic.model_validate(job).model_dump(), progress=counts, engine=loads)
+    unserved = [] if job.status in FINAL_JOB_STATUSES else unserved_models(job.recipe, settings)
+    return JobDetailPublic(
+        **JobPublic.model_validate(job).model_dump(),
+        progress=counts,
+        engine=loads,
+        unserved_models=unserved,
+    )
 
 
 @router.get("/{job_id}/items", response_model=ItemsPublic, responses=_NOT_FOUND)

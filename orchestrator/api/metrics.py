@@ -1,5 +1,5 @@
-"""Prometheus metrics of the API at `/metrics`: requests by route and status, their latency, and jobs
-by status (read from the database at scrape time)."""
+"""Prometheus metrics of the API at `/metrics`: requests by route and status, their latency, jobs by
+status (read from the database at scrape time) and queue depths (read from Redis)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from db.models import Job, JobStatus
 from db.session import session_scope
+from orchestrator.api.queue_metrics import QueueDepth
 from orchestrator.settings import Settings, get_settings
 
 __all__ = ["RequestMetrics", "metrics_router"]
@@ -76,6 +77,7 @@ class RequestMetrics:
 def metrics_router(registry: CollectorRegistry, settings: Settings | None) -> APIRouter:
     """The `/metrics` route of one app: its own registry, so several apps in one process do not clash."""
     registry.register(_JobsByStatus(settings))
+    registry.register(QueueDepth(settings))
     router = APIRouter(tags=["metrics"])
 
     @router.get("/metrics", include_in_schema=False)

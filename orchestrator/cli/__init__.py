@@ -2,7 +2,7 @@
 
 run.py       `run`: one job all-in-one (embedded services, progress, outputs)
 worker.py    `worker`: a Celery worker of one role
-service.py   `api`, `recover`, `db upgrade`, `plan`, `models prepare`
+service.py   `api`, `flower`, `recover`, `db upgrade`, `plan`, `models prepare`
 jobs.py      `submit`, `status`, `export`, `cancel`, `retry` through the HTTP API (views.py shows them)
 evaluate.py  `eval`, `compare`, `diversity`
 """
@@ -24,6 +24,7 @@ cli.add_typer(models_cli, name="models")
 cli.command()(run.run)
 cli.command()(worker.worker)
 cli.command()(service.api)
+cli.command()(service.flower)
 cli.command()(service.recover)
 cli.command()(service.plan)
 db_cli.command("upgrade")(service.db_upgrade)

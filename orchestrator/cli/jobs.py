@@ -20,6 +20,8 @@ from orchestrator.export_files import output_format
 from orchestrator.export_writers import Rejected
 from orchestrator.exports import metadata_path
 from orchestrator.inputs import FieldMap
+from orchestrator.settings import get_settings
+from orchestrator.watchdog import Stalled
 
 __all__ = ["cancel", "export", "retry", "status", "submit"]
 
@@ -90,8 +92,12 @@ def status(
     token: ApiToken = None,
 ) -> None:
     """Show a job's progress per stage; with --watch, follow it and exit 1 unless it succeeds."""
-    with _api(url, token) as client:
-        job = watch_job(client, job_id, interval) if watch else client.job(job_id)
+    stall_s = get_settings().stall_timeout_s
+    try:
+        with _api(url, token) as client:
+            job = watch_job(client, job_id, interval, stall_s) if watch else client.job(job_id)
+    except Stalled as exc:
+        raise fail_on(exc) from None
     show_job(job)
     if watch and job.status != JobStatus.SUCCEEDED:
         raise typer.Exit(1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -13,7 +13,7 @@ from orchestrator.errors import RecipeError
 from orchestrator.recipes import EMBEDDED_MODELS, load_recipe
 from orchestrator.settings import get_settings
 
-__all__ = ["api", "db_upgrade", "models_prepare", "plan", "recover"]
+__all__ = ["api", "db_upgrade", "flower", "models_prepare", "plan", "recover"]
 
 
 def api(
@@ -24,10 +24,40 @@ def api(
     """Serve the HTTP API (uvicorn); OpenAPI at /docs and /openapi.json."""
     import uvicorn
 
+    from orchestrator.logs import configure_logging
+
     settings = get_settings()
     if not settings.redis_url or not settings.database_url:
         raise fail("the API needs REDIS_URL and DATABASE_URL")
-    uvicorn.run("orchestrator.api.app:create_app", factory=True, host=host, port=port, workers=workers)
+    options: dict[str, Any] = {}
+    if settings.log_format == "json":
+        configure_logging("json")
+        options["log_config"] = None  # uvicorn's loggers propagate to the JSON handler
+    uvicorn.run(
+        "orchestrator.api.app:create_app", factory=True, host=host, port=port, workers=workers, **options
+    )
+
+
+def flower(
+    port: Annotated[int, typer.Option(help="TCP port.")] = 5555,
+    address: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    basic_auth: Annotated[
+        str | None,
+        typer.Option(help="user:password (several comma-separated); FLOWER_BASIC_AUTH in the environment."),
+    ] = None,
+    insecure_local: Annotated[bool, typer.Option(help="Serve without a login, on 127.0.0.1 only.")] = False,
+) -> None:
+    """Serve Flower (workers, queues, tasks) for this app; it refuses to start without a login."""
+    from orchestrator.celery_app import app as celery_app
+    from orchestrator.flower import FlowerConfigError, serve
+
+    settings = get_settings()
+    if not settings.redis_url:
+        raise fail("Flower needs REDIS_URL")
+    try:
+        serve(celery_app, settings, address, port, basic_auth=basic_auth, insecure_local=insecure_local)
+    except FlowerConfigError as exc:
+        raise fail(str(exc)) from None
 
 
 def recover(

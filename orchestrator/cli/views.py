@@ -11,6 +11,7 @@ from db.models import FINAL_JOB_STATUSES
 from orchestrator.api.bodies import JobDetailPublic, StagePublic
 from orchestrator.cli.console import console
 from orchestrator.client import ApiClient
+from orchestrator.watchdog import Watchdog
 
 __all__ = ["show_job", "watch_job"]
 
@@ -34,6 +35,12 @@ def show_job(job: JobDetailPublic) -> None:
         + (f"; {job.progress.items_per_second:.2f} items/s" if job.progress.items_per_second else "")
         + (f"; ETA {eta:.0f} s" if eta is not None else "")
     )
+    if job.unserved_models:
+        console.print(_unserved_note(job.unserved_models))
+    if job.progress.latest_error:
+        console.print(f"[red]latest stage failure:[/red] {job.progress.latest_error}", highlight=False)
+    for model, error in sorted(job.engine.failed.items()):
+        console.print(f"[red]model {model} failed to load:[/red] {error}", highlight=False)
     if job.engine.loads:
         console.print(
             f"model loads: {job.engine.loads} ({job.engine.load_seconds:.1f} s), "
@@ -42,13 +49,34 @@ def show_job(job: JobDetailPublic) -> None:
         )
 
 
-def watch_job(client: ApiClient, job_id: str, interval: float) -> JobDetailPublic:
-    """A live progress view (items and every stage) until the job ends."""
+def _unserved_note(models: list[str]) -> str:
+    return (
+        f"[yellow]no live worker serves:[/yellow] {', '.join(models)} "
+        "(their stages wait until a worker that serves them joins)"
+    )
+
+
+def _say_what_changed(progress: Progress, job: JobDetailPublic, before: JobDetailPublic | None) -> None:
+    """Above the bars: a model that lost its last worker, a stage that failed."""
+    if job.unserved_models and (before is None or job.unserved_models != before.unserved_models):
+        progress.console.print(_unserved_note(job.unserved_models))
+    latest = job.progress.latest_error
+    if latest and (before is None or latest != before.progress.latest_error):
+        progress.console.print(f"[red]stage failed:[/red] {latest}", highlight=False)
+
+
+def watch_job(client: ApiClient, job_id: str, interval: float, stall_s: float) -> JobDetailPublic:
+    """A live progress view (items and every stage, failures as they happen) until the job ends; raises
+    Stalled when nothing moved for `stall_s` seconds while a model of the job has no live worker."""
     columns = (TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    job = client.job(job_id)
+    watchdog = Watchdog(stall_s, f"job {job_id}", lambda: not job.unserved_models)
     with Progress(*columns, console=console) as progress:
         bars: dict[str, TaskID] = {}
+        said: JobDetailPublic | None = None
         while True:
-            job = client.job(job_id)
+            _say_what_changed(progress, job, said)
+            said = job
             rows = [("items", job.items_done, job.total_items)] + [
                 (_stage_label(s), s.finished + s.failed, s.expected) for s in job.progress.stages
             ]
@@ -58,4 +86,6 @@ def watch_job(client: ApiClient, job_id: str, interval: float) -> JobDetailPubli
                 progress.update(bars[label], completed=done, total=total)
             if job.status in FINAL_JOB_STATUSES:
                 return job
+            watchdog.check(tuple(done for _, done, _ in rows))
             time.sleep(interval)
+            job = client.job(job_id)

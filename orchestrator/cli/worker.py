@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from orchestrator.celery_app import app as celery_app
+from orchestrator.celery_app import configure
 from orchestrator.cli.console import fail
 from orchestrator.settings import get_settings
 
@@ -40,14 +41,38 @@ def worker(
         bool, typer.Option(help="Also run the periodic recovery sweep (one worker only).")
     ] = False,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on this port.")] = None,
+    models: Annotated[
+        str | None,
+        typer.Option(
+            help="The models this worker serves: comma-separated names, globs or recipe names "
+            "(WORKER_MODELS); default: every model."
+        ),
+    ] = None,
+    hostname: Annotated[
+        str | None,
+        typer.Option("--hostname", "-n", help="Node name, NAME@HOST (%h: this host); unique per worker."),
+    ] = None,
 ) -> None:
     """Start a Celery worker. Inference roles host the engines (threads pool: vLLM cannot live in a
     prefork child) and consume per-model queues by affinity, within the memory budget."""
+    from orchestrator.fleet import worker_selection
+    from orchestrator.logs import use_for_celery
+
     settings = get_settings()
     if memory_gb is not None:
         settings = settings.model_copy(update={"worker_memory_gb": memory_gb})
+    if models is not None:
+        settings = settings.model_copy(update={"worker_models": models})
     if not settings.redis_url or not settings.database_url:
         raise fail("a worker needs REDIS_URL and DATABASE_URL")
+    if settings.worker_models and role == WorkerRole.CONTROL:
+        raise fail("--models / WORKER_MODELS: a control worker serves no models")
+    try:
+        worker_selection(settings)
+    except ValueError as exc:  # a recipe in the list that does not load
+        raise fail(str(exc)) from None
+    configure(celery_app, settings)
+    use_for_celery(settings.log_format, loglevel)
     queues = []
     if role != WorkerRole.INFERENCE:
         queues.append(settings.queue_control)
@@ -74,6 +99,8 @@ def worker(
     schedule = Path(tempfile.gettempdir()) / f"slimmoa-beat-{os.getpid()}"
     celery_app.worker_main(
         [
+            # JSON logs: no banner on stdout, so every line of the worker's output is one object.
+            *(["--quiet"] if settings.log_format == "json" else []),
             "worker",
             "--pool",
             "threads",
@@ -85,6 +112,7 @@ def worker(
             loglevel,
             "--without-gossip",
             "--without-mingle",
+            *(["--hostname", hostname] if hostname else []),
             *(["--beat", "--schedule", str(schedule)] if beat else []),
         ]
     )
