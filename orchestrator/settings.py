@@ -28,6 +28,8 @@ class FaultSpec(BaseModel):
     # kind no part of the service expects.
     load_exception: str | None = None
     generate_exception: str | None = None
+    # A streamed answer that fails (transient) after this many deltas: an engine dying mid-answer.
+    stream_break_after: int | None = Field(default=None, ge=0)
 
     @field_validator("load_exception", "generate_exception")
     @classmethod

@@ -108,7 +108,10 @@ def test_a_json_list_element_may_span_many_lines() -> None:
     ("specs", "message"),
     [
         (["instruction"], "--field 'instruction': expected FIELD=COLUMN, such as instruction=prompt"),
-        (["text=prompt"], "--field: unknown field 'text' (fields: instruction, id, dataset, system, messages)"),
+        (
+            ["text=prompt"],
+            "--field: unknown field 'text' (fields: instruction, id, dataset, system, messages)",
+        ),
         (["id=uid", "id=question_id"], "--field: id is mapped twice ('uid', 'question_id')"),
     ],
 )

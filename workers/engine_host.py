@@ -11,37 +11,35 @@ recently used idle engines: put to sleep where the engine supports it (vLLM on G
 memory, woken in about a second), closed otherwise. An out-of-memory error at load lowers the budget
 to what was resident and tries again with fewer models, instead of failing the same way forever.
 
-Outcomes: `attempt` is the one place where a stage's exceptions become outcomes (`workers.outcomes`):
-whatever the load, the prompt or the generation raises comes back as a `Failure`, transient or
-permanent. A model whose load failed permanently is remembered for `LOAD_FAILURE_TTL_S`, so its
-stages fail at once instead of each paying for a load that cannot work. Start, wake, sleep and close
-have time limits: a hung load frees the load lock when its limit passes.
+Outcomes: `attempt` (and `attempt_stream`, its streaming form) is the one place where a stage's
+exceptions become outcomes (`workers.outcomes`): whatever the load, the prompt or the generation
+raises comes back as a `Failure`, transient or permanent. A model whose load failed permanently is
+remembered for `LOAD_FAILURE_TTL_S`, so its stages fail at once instead of each paying for a load that
+cannot work. Start, wake, sleep and close have time limits: a hung load frees the load lock when its
+limit passes.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
 from orchestrator.recipes import OpenAIModel, SyntheticModel, VllmModel
 from orchestrator.settings import Settings
 from workers import metrics
+from workers.engine_requests import EngineLoop
 from workers.engines import ChatRequest, Engine, Generation, create_engine, residency
 from workers.engines.errors import EngineOutOfMemory, EngineUnavailable, ModelTooLarge
-from workers.load_failures import LoadFailures
-from workers.outcomes import Failure, classify
+from workers.outcomes import FailedLoads, Failure, LoadFailed, classify
 
 __all__ = ["EngineHost", "LoadEvent", "LoadFailed", "Spec"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 Spec = VllmModel | OpenAIModel | SyntheticModel
 EngineKey = tuple[str, Spec]
 
@@ -60,14 +58,6 @@ class LoadEvent:
     error: str | None = None
 
 
-class LoadFailed(Exception):
-    """A model could not be made ready; `failure` is the outcome its stages record."""
-
-    def __init__(self, failure: Failure) -> None:
-        super().__init__(failure.message)
-        self.failure = failure
-
-
 @dataclass
 class _Resident:
     engine: Engine
@@ -78,18 +68,6 @@ class _Resident:
     # Task threads holding the engine (between lease and release): it is not evicted while held.
     leases: int = 0
     last_used: float = field(default_factory=time.monotonic)
-
-
-class _Traffic:
-    """Requests in flight on one model, and its metrics, labelled once (a labels() call takes a
-    lock and a lookup, several times per request otherwise)."""
-
-    def __init__(self, model: str) -> None:
-        self.count = 0
-        self.offered = metrics.OFFERED_BATCH.labels(model)
-        self.gauge = metrics.ENGINE_IN_FLIGHT.labels(model)
-        self.prompt_tokens = metrics.TOKENS.labels(model, "prompt")
-        self.output_tokens = metrics.TOKENS.labels(model, "output")
 
 
 class EngineHost:
@@ -106,26 +84,13 @@ class EngineHost:
         self.budget_gb = budget_gb
         self._on_load = on_load
         self._factory = factory
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="engine-loop", daemon=True)
-        self._thread.start()
+        self._loop = EngineLoop(settings.engine_request_timeout_s, self._replace)
         self._engines: dict[EngineKey, _Resident] = {}
         # Guards the table above and lease counts; waited on for an engine to become idle.
         self._state = threading.Condition()
         # One load or wake at a time: two models loading at once could both count on the same room.
         self._load_lock = threading.Lock()
-        # Separate from the others: counting must not wait for a model to load.
-        self._count_lock = threading.Lock()
-        self._traffic: dict[str, _Traffic] = {}
-        self._load_failures = LoadFailures(settings.load_failure_ttl_s)
-
-    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None, what: str = "answer") -> T:
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError as exc:
-            future.cancel()
-            raise EngineUnavailable(f"no {what} within {timeout:g} s") from exc
+        self._failed_loads = FailedLoads(settings.load_failure_ttl_s)
 
     # Outcomes
 
@@ -134,23 +99,57 @@ class EngineHost:
     ) -> Generation | Failure:
         """One attempt of a stage on `name`: lease (load or wake), build the request with `prepare`,
         generate. Every exception on the way comes back as a Failure."""
+        return self._attempt(name, spec, prepare, job_id, self.generate)
+
+    def attempt_stream(
+        self,
+        name: str,
+        spec: Spec,
+        prepare: Callable[[Engine], ChatRequest],
+        on_delta: Callable[[str], None],
+        *,
+        cancelled: Callable[[], bool] | None = None,
+        job_id: str | None = None,
+    ) -> Generation | Failure:
+        """`attempt`, streamed: the text goes to `on_delta` in this thread as it is generated, and the
+        Generation's text is exactly what it was given. Once `cancelled()` (asked between deltas) says
+        so, the engine's request stops and the outcome is a permanent Failure; so is an exception
+        from `on_delta`."""
+
+        def stream(engine: Engine, request: ChatRequest) -> Generation:
+            return self._loop.stream(engine, request, on_delta, cancelled)
+
+        return self._attempt(name, spec, prepare, job_id, stream)
+
+    def _attempt(
+        self,
+        name: str,
+        spec: Spec,
+        prepare: Callable[[Engine], ChatRequest],
+        job_id: str | None,
+        run: Callable[[Engine, ChatRequest], Generation],
+    ) -> Generation | Failure:
         during = "loading"
         try:
             with self.lease(name, spec, job_id) as engine:
                 during = "building the prompt"
                 request = prepare(engine)
                 during = "generating"
-                return self.generate(engine, request)
+                return run(engine, request)
         except LoadFailed as exc:
             return exc.failure
         except Exception as exc:
             return classify(exc, name, during)
 
+    def failed_loads(self) -> dict[str, str]:
+        """Models whose permanent load failure is remembered, with the loader's message."""
+        return self._failed_loads.messages()
+
     def _load_failed(self, name: str, exc: Exception, seconds: float, job_id: str | None) -> LoadFailed:
         """Turn a load's exception into its outcome; remember it if permanent, and record it."""
         failure = classify(exc, name, "loading")
         metrics.ENGINE_LOAD_FAILURES.labels(name).inc()
-        self._load_failures.remember(name, failure)
+        self._failed_loads.remember(name, failure)
         log.warning("loading %s failed (%s): %s", name, failure.kind, failure.message)
         if self._on_load is not None:
             self._on_load(LoadEvent(name, "failed", seconds, [], 0.0, job_id, error=failure.message))
@@ -190,7 +189,7 @@ class EngineHost:
             else:
                 resident = None
         if resident is None:
-            remembered = self._load_failures.get(name)
+            remembered = self._failed_loads.get(name)
             if remembered is not None:
                 raise LoadFailed(remembered)
             resident = self._admit(key, job_id)
@@ -216,7 +215,7 @@ class EngineHost:
                     resident.leases += 1
                     return resident
             # Stages that waited for the lock while this model failed to load fail with it, at once.
-            remembered = self._load_failures.get(name)
+            remembered = self._failed_loads.get(name)
             if remembered is not None:
                 raise LoadFailed(remembered)
             need = float(spec.memory_gb or 0.0)
@@ -262,7 +261,7 @@ class EngineHost:
             sleeping = self._engines.get(key)
         control = residency(sleeping.engine) if sleeping is not None else None
         if sleeping is not None and control is not None:
-            self._run(control.wake(), self.settings.engine_wake_timeout_s, f"wake of {name}")
+            self._loop.run(control.wake(), self.settings.engine_wake_timeout_s, f"wake of {name}")
             with self._state:
                 sleeping.asleep = False
                 sleeping.leases += 1
@@ -270,7 +269,7 @@ class EngineHost:
         log.info("starting engine %s (%s)", name, spec.engine)
         engine = self._factory(name, spec, self.settings)
         try:
-            self._run(engine.start(), self.settings.engine_start_timeout_s, f"start of {name}")
+            self._loop.run(engine.start(), self.settings.engine_start_timeout_s, f"start of {name}")
         except BaseException:
             self._close(engine)
             raise
@@ -324,7 +323,9 @@ class EngineHost:
     def _unload(self, victim: _Resident) -> None:
         control = residency(victim.engine)
         if victim.asleep and control is not None:
-            self._run(control.sleep(), self.settings.engine_sleep_timeout_s, f"sleep of {victim.engine.name}")
+            self._loop.run(
+                control.sleep(), self.settings.engine_sleep_timeout_s, f"sleep of {victim.engine.name}"
+            )
             log.info("put %s to sleep", victim.engine.name)
         else:
             self._close(victim.engine)
@@ -333,35 +334,14 @@ class EngineHost:
     def _close(self, engine: Engine) -> None:
         """Close an engine within its time limit; one that will not close is left behind, logged."""
         try:
-            self._run(engine.close(), self.settings.engine_close_timeout_s, f"close of {engine.name}")
+            self._loop.run(engine.close(), self.settings.engine_close_timeout_s, f"close of {engine.name}")
         except Exception:
             log.exception("closing engine %s failed", engine.name)
 
     # Requests
 
     def generate(self, engine: Engine, request: ChatRequest) -> Generation:
-        with self._count_lock:
-            traffic = self._traffic.get(engine.name)
-            if traffic is None:
-                traffic = self._traffic[engine.name] = _Traffic(engine.name)
-            traffic.count += 1
-            in_flight = traffic.count
-        traffic.offered.observe(in_flight)
-        traffic.gauge.set(in_flight)
-        try:
-            generation = self._run(engine.generate(request), self.settings.engine_request_timeout_s)
-        except EngineUnavailable:
-            if not _alive(engine):
-                self._replace(engine)
-            raise
-        finally:
-            with self._count_lock:
-                traffic.count -= 1
-                traffic.gauge.set(traffic.count)
-        # Tokens an engine did not report (None) are not counted.
-        traffic.prompt_tokens.inc(generation.prompt_tokens or 0)
-        traffic.output_tokens.inc(generation.output_tokens or 0)
-        return generation
+        return self._loop.generate(engine, request)
 
     # Health
 
@@ -374,13 +354,16 @@ class EngineHost:
         return [engine.name for engine in dead]
 
     def _replace(self, engine: Engine) -> None:
-        """Forget a dead engine; its requests fail as unavailable and their stages retry on a new one."""
+        """Forget an engine that died (a live one stays); its requests fail as unavailable and their
+        stages retry on a new one. Also told of every request that failed as unavailable."""
+        if _alive(engine):
+            return
         with self._state:
             for key, known in list(self._engines.items()):
                 if known.engine is engine:
                     log.warning("engine %s died; it is restarted on the next request", engine.name)
                     del self._engines[key]
-                    asyncio.run_coroutine_threadsafe(engine.close(), self._loop)
+                    self._loop.spawn(engine.close())
             self._state.notify_all()
         metrics.RESIDENT_GB.set(self.used_gb())
 
@@ -391,7 +374,7 @@ class EngineHost:
         for engine in engines:
             # Shutting down: one engine failing to close must not keep the others.
             self._close(engine)
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop.stop()
 
 
 def _alive(engine: Engine) -> bool:

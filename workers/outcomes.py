@@ -10,14 +10,17 @@ or permanent (record it now). The engine host is the one place where exceptions 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Literal
 
 from pydantic import BaseModel
 
 from orchestrator.errors import StageFailure
 from workers.engines import EngineUnavailable, ModelTooLarge, RequestRejected
+from workers.metrics import ENGINE_LOAD_FAILED
 
-__all__ = ["Failure", "classify"]
+__all__ = ["FailedLoads", "Failure", "LoadFailed", "classify"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,46 @@ class Failure(BaseModel):
     @property
     def transient(self) -> bool:
         return self.kind == "transient"
+
+
+class LoadFailed(Exception):
+    """A model could not be made ready; `failure` is the outcome its stages record."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+class FailedLoads:
+    """Permanent load failures, remembered for `ttl_s`: the model's stages then fail at once with the
+    loader's message instead of each paying for a load that cannot work."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._failures: dict[str, tuple[float, Failure]] = {}
+
+    def remember(self, model: str, failure: Failure) -> None:
+        if failure.transient or self.ttl_s <= 0:
+            return
+        with self._lock:
+            self._failures[model] = (time.monotonic() + self.ttl_s, failure)
+        ENGINE_LOAD_FAILED.labels(model).set(1)
+
+    def get(self, model: str) -> Failure | None:
+        """The model's remembered failure, if it has one still."""
+        with self._lock:
+            until, failure = self._failures.get(model, (0.0, None))
+            if failure is not None and until <= time.monotonic():
+                del self._failures[model]
+                ENGINE_LOAD_FAILED.labels(model).set(0)
+                return None
+            return failure
+
+    def messages(self) -> dict[str, str]:
+        now = time.monotonic()
+        with self._lock:
+            return {model: f.message for model, (until, f) in self._failures.items() if until > now}
 
 
 def classify(exc: BaseException, model: str, during: str) -> Failure:

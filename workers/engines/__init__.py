@@ -5,21 +5,25 @@ from __future__ import annotations
 import asyncio
 import builtins
 import random
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 from orchestrator.prompts import Tokenizer
 from orchestrator.recipes import OpenAIModel, SyntheticModel, VllmModel
 from orchestrator.settings import FaultSpec, Settings
-from workers.engines.base import ChatRequest, Engine, Generation, Residency, residency
+from workers.engines.base import ChatRequest, Delta, Engine, Generation, Residency, residency
 from workers.engines.errors import (
     EngineError,
     EngineOutOfMemory,
     EngineUnavailable,
     ModelTooLarge,
+    RequestCancelled,
     RequestRejected,
 )
 
 __all__ = [
     "ChatRequest",
+    "Delta",
     "Engine",
     "EngineError",
     "EngineOutOfMemory",
@@ -27,6 +31,7 @@ __all__ = [
     "FaultyEngine",
     "Generation",
     "ModelTooLarge",
+    "RequestCancelled",
     "RequestRejected",
     "Residency",
     "create_engine",
@@ -59,13 +64,28 @@ class FaultyEngine(Engine):
         return self.inner.system_supported
 
     async def generate(self, request: ChatRequest) -> Generation:
+        await self._inject()
+        return await self.inner.generate(request)
+
+    async def generate_stream(self, request: ChatRequest) -> AsyncGenerator[Delta | Generation, None]:
+        """The request's faults come before the first delta; `stream_break_after` breaks it midway."""
+        await self._inject()
+        deltas = 0
+        async with aclosing(self.inner.generate_stream(request)) as stream:
+            async for item in stream:
+                if isinstance(item, Delta):
+                    if deltas == self.faults.stream_break_after:
+                        raise EngineUnavailable(f"injected fault in {self.name} after {deltas} deltas")
+                    deltas += 1
+                yield item
+
+    async def _inject(self) -> None:
         if self.faults.hang_seconds and random.random() < self.faults.hang_rate:
             await asyncio.sleep(self.faults.hang_seconds)
         if self.faults.generate_exception:
             raise getattr(builtins, self.faults.generate_exception)(f"injected fault in {self.name}")
         if random.random() < self.faults.error_rate:
             raise EngineUnavailable(f"injected fault in {self.name}")
-        return await self.inner.generate(request)
 
     async def close(self) -> None:
         await self.inner.close()

@@ -11,11 +11,25 @@ Usage::
     generation = await engine.generate(ChatRequest.build("item-7_0_1", messages, slot.sampling))
 
 Many coroutines awaiting `generate` at once is what lets vLLM batch them continuously.
+
+Streaming: `generate_stream` is an async iterator of `Delta` items (text as it is generated) that ends
+with one `Generation`, the final record; the deltas concatenated are exactly `Generation.text`::
+
+    async for item in engine.generate_stream(request):
+        if isinstance(item, Delta):
+            send(item.text)
+        else:
+            generation = item
+
+Every engine streams: the default yields the whole text of `generate` as one delta. Closing or
+cancelling the iterator early stops the request in the engine (vLLM aborts it).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
@@ -24,7 +38,7 @@ from orchestrator.contracts import ChatMessage
 from orchestrator.prompts import Tokenizer
 from orchestrator.recipes import SamplingSpec
 
-__all__ = ["ChatRequest", "Engine", "Generation", "Residency", "residency"]
+__all__ = ["ChatRequest", "Delta", "Engine", "Generation", "Residency", "residency"]
 
 
 class ChatRequest(BaseModel):
@@ -63,6 +77,13 @@ class Generation(BaseModel):
     top_logprobs: dict[str, float] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """The next piece of a streamed answer's text (a plain dataclass: there is one per token or so)."""
+
+    text: str
+
+
 class Engine(ABC):
     """An inference backend for one model. Subclasses stay small: start, generate, close."""
 
@@ -78,6 +99,15 @@ class Engine(ABC):
         """Generate one chat completion; raises EngineUnavailable (transient) or RequestRejected.
 
         Anything else it raises is taken for a permanent failure by the engine host."""
+
+    async def generate_stream(self, request: ChatRequest) -> AsyncGenerator[Delta | Generation, None]:
+        """The answer as it is generated: `Delta` items, then the final `Generation`; raises as `generate`.
+
+        This default streams the whole answer as one delta; engines that can do better override it."""
+        generation = await self.generate(request)
+        if generation.text:
+            yield Delta(generation.text)
+        yield generation
 
     @property
     @abstractmethod

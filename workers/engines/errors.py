@@ -5,11 +5,19 @@ EngineError
  │    └── EngineOutOfMemory   a load ran out of device memory -> the host keeps fewer models resident
  ├── ModelTooLarge       permanent: the model alone needs more than the worker's memory budget
  └── RequestRejected     permanent: prompt longer than context, content refused -> record at once
+      └── RequestCancelled    the caller stopped a stream (its client went away) -> record, never retry
 """
 
 from __future__ import annotations
 
-__all__ = ["EngineError", "EngineOutOfMemory", "EngineUnavailable", "ModelTooLarge", "RequestRejected"]
+__all__ = [
+    "EngineError",
+    "EngineOutOfMemory",
+    "EngineUnavailable",
+    "ModelTooLarge",
+    "RequestCancelled",
+    "RequestRejected",
+]
 
 
 class EngineError(Exception):
@@ -22,6 +30,10 @@ class EngineUnavailable(EngineError):
 
 class RequestRejected(EngineError):
     """The engine will never answer this request as it stands."""
+
+
+class RequestCancelled(RequestRejected):
+    """The caller stopped the request while it streamed; nobody is waiting for the rest."""
 
 
 class EngineOutOfMemory(EngineUnavailable):

