@@ -166,7 +166,15 @@ def record_candidate(
 
 
 # What an output stores of its generation record.
-_OUTPUT_FIELDS = ("model", "text", "prompt_tokens", "output_tokens", "latency_ms", "finish_reason")
+_OUTPUT_FIELDS = (
+    "model",
+    "text",
+    "prompt_tokens",
+    "output_tokens",
+    "latency_ms",
+    "finish_reason",
+    "started_at",
+)
 
 
 @cache

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from celery import Task
 
 from db import stages
-from db.models import ItemStatus
+from db.models import ItemStatus, utcnow
 from db.rows import GenerationRecord
 from db.session import statement_scope
 from orchestrator.celery_app import TASK_AGGREGATOR, TASK_PROPOSER, app
@@ -54,6 +55,8 @@ class _Stage:
     system: str | None
     references: list[str]
     truncation: dict[str, Any] | None = None
+    # When the request went to the engine (the timeline's generation intervals start there).
+    started_at: datetime | None = None
 
 
 def _attempt(
@@ -74,11 +77,14 @@ def _attempt(
             layer=layer,
         )
         stage.truncation = prompt.truncation.model_dump() if prompt.truncation else None
+        stage.started_at = utcnow()
         return ChatRequest.build(request_id, prompt.messages, sampling)
 
     outcome = attempt_stage(task, model, spec, prepare, stage.job_id)
     if isinstance(outcome, Failure):
-        return GenerationRecord(model=model, text=None, error=outcome.message, attempt=attempts(task))
+        return GenerationRecord(
+            model=model, text=None, error=outcome.message, attempt=attempts(task), started_at=stage.started_at
+        )
     return GenerationRecord(
         model=model,
         text=outcome.text,
@@ -87,6 +93,7 @@ def _attempt(
         latency_ms=outcome.latency_ms,
         finish_reason=outcome.finish_reason,
         attempt=attempts(task),
+        started_at=stage.started_at,
     )
 
 
