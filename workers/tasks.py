@@ -26,10 +26,11 @@ from orchestrator.job_recipes import job_recipe
 from orchestrator.prompts import build_stage_prompt
 from orchestrator.recipes import Recipe, SamplingSpec
 from orchestrator.settings import get_settings
+from workers.engine_sizing import planned_spec
 from workers.engines import ChatRequest, Engine
 from workers.metrics import STAGES
 from workers.outcomes import Failure
-from workers.stage_runner import STAGE_RETRY, attempt_stage, attempts, ride_out_database
+from workers.stage_runner import STAGE_RETRY, attempt_stage, attempts, engine_host, ride_out_database
 
 __all__ = ["run_aggregator", "run_proposer"]
 
@@ -63,7 +64,7 @@ def _attempt(
     task: Task, stage: _Stage, recipe: Recipe, model: str, sampling: SamplingSpec, layer: int, request_id: str
 ) -> GenerationRecord:
     """One attempt on `model` with the prompt built for its engine, as the record to store."""
-    spec = recipe.model(model)
+    spec = planned_spec(recipe, model, engine_host().settings.worker_memory_gb)
 
     def prepare(engine: Engine) -> ChatRequest:
         prompt = build_stage_prompt(
