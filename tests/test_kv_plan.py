@@ -135,7 +135,7 @@ def test_the_plan_command_prints_kv_tokens_and_sequences() -> None:
         env={"COLUMNS": "220", "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr
-    assert "│ 6.5 → 16.5  │ 0.328 MB     │ 54,064    │ 23 of 2,304 tokens │ swaps" in result.stdout
+    assert "│ 6.5 → 16.5  │ 0.328 MB     │ 54,064    │ 23 x 2,304 tokens │ swaps" in result.stdout
     assert "peak 80 of 80 GB with 4 engine contexts of 1 GB" in result.stdout
 
 

@@ -102,7 +102,7 @@ def plan(
             kv,
             "?" if per_token is None else f"{per_token / 1e6:.3g} MB",
             "?" if model.kv_tokens is None else f"{model.kv_tokens:,}",
-            "?" if model.sequences is None else f"{model.sequences} of {model.sequence_tokens:,} tokens",
+            "?" if model.sequences is None else f"{model.sequences} x {model.sequence_tokens:,} tokens",
             "resident" if model.resident else "swaps",
             ", ".join(model.used_in),
         )
