@@ -39,16 +39,7 @@ import httpx
 import psutil
 import redis
 
-from bench.services import isolated_services
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _start_worker(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as handle:
-        return subprocess.Popen(
-            command, env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT
-        )
+from bench.services import isolated_services, serving, slimmoa_api, start_process
 
 
 def _peak_rss(process: psutil.Process, peak: int) -> int:
@@ -103,7 +94,7 @@ def bare(items: int, proposers: int, concurrency: int, redis_url: str, log_dir: 
     bare_chord.QUEUE, bare_chord.DONE_KEY = queue, f"{queue}.done"
     bare_chord.app.conf.update(broker_url=redis_url, result_backend=redis_url, task_default_queue=queue)
     client = redis.Redis.from_url(redis_url)
-    worker = _start_worker(
+    worker = start_process(
         [
             sys.executable,
             "-m",
@@ -184,33 +175,22 @@ def api_submit(items: int, proposers: int, env: dict[str, str], log_dir: Path) -
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "orchestrator.cli", "api", "--port", str(port)]
-    api = _start_worker(command, {**env, "SLIMMOA_API_TOKEN": ""}, log_dir / "slimmoa-api.log")
     body = {
         "recipe": _recipe(proposers),
         "items": [{"instruction": PROMPT.format(i=i)} for i in range(items)],
     }
-    try:
-        with httpx.Client(base_url=url, timeout=600) as client:
-            while True:
-                if api.poll() is not None:
-                    raise RuntimeError("the API exited; see its log")
-                try:
-                    if client.get("/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-            with _sampled_rss(api) as peak:
-                started = time.perf_counter()
-                response = client.post("/v1/jobs", json=body)
-                seconds = time.perf_counter() - started
-            response.raise_for_status()
-            client.post(f"/v1/jobs/{response.json()['id']}/cancel").raise_for_status()
-        return seconds, peak[0]
-    finally:
-        api.terminate()
-        api.wait()
+    api_env = {**env, "SLIMMOA_API_TOKEN": ""}
+    with (
+        serving(slimmoa_api(port), api_env, log_dir / "slimmoa-api.log", f"{url}/healthz") as (api, _),
+        httpx.Client(base_url=url, timeout=600) as client,
+    ):
+        with _sampled_rss(api) as peak:
+            started = time.perf_counter()
+            response = client.post("/v1/jobs", json=body)
+            seconds = time.perf_counter() - started
+        response.raise_for_status()
+        client.post(f"/v1/jobs/{response.json()['id']}/cancel").raise_for_status()
+    return seconds, peak[0]
 
 
 def _through_pipeline(
@@ -228,7 +208,7 @@ def _through_pipeline(
     command = [sys.executable, "-m", "orchestrator.cli", "worker", "--loglevel", "warning"]
     roles = ["all"] if single_worker else ["inference", "control"]
     workers = [
-        _start_worker([*command, "--role", role], env, log_dir / f"slimmoa-worker-{role}.log")
+        start_process([*command, "--role", role], env, log_dir / f"slimmoa-worker-{role}.log")
         for role in roles
     ]
     try:

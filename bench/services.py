@@ -1,15 +1,31 @@
-"""Services of a benchmark run: its own Postgres schema and queue names, this process pointed at them."""
+"""Services of a benchmark run: its own Postgres schema and queue names, this process pointed at them,
+and the processes a run starts (workers, the API, servers it compares with)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import httpx
 from sqlalchemy import create_engine, text
 
-__all__ = ["isolated_services"]
+__all__ = [
+    "ROOT",
+    "isolated_services",
+    "serving",
+    "slimmoa_api",
+    "start_process",
+    "stop",
+    "wait_until_healthy",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextmanager
@@ -43,3 +59,54 @@ def isolated_services(database_url: str, redis_url: str, concurrency: int) -> It
         with admin.begin() as connection:
             connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+def start_process(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """A child of this checkout (its code first on the path) with `env` added, logging to `log`."""
+    with log.open("wb") as handle:
+        return subprocess.Popen(
+            command, env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT
+        )
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """SIGTERM, then SIGKILL if it has not ended after `timeout` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen[bytes], timeout: float) -> float:
+    """Seconds until `url` answers 200; raises if the process exits or the time runs out."""
+    started = time.perf_counter()
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server for {url} exited; see its log")
+        if time.perf_counter() - started > timeout:
+            raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.perf_counter() - started
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+
+
+@contextmanager
+def serving(
+    command: list[str], env: dict[str, str], log: Path, health_url: str, timeout: float = 120
+) -> Iterator[tuple[subprocess.Popen[bytes], float]]:
+    """A server process that answers `health_url`, with the seconds it took to; stopped at the end."""
+    process = start_process(command, env, log)
+    try:
+        yield process, wait_until_healthy(health_url, process, timeout)
+    finally:
+        stop(process)
+
+
+def slimmoa_api(port: int) -> list[str]:
+    """The command of `slimmoa api` on a loopback port."""
+    return [sys.executable, "-m", "orchestrator.cli", "api", "--port", str(port)]

@@ -173,6 +173,8 @@ class Candidate(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     # The Celery node that ran the stage (`name@host`): which host served the model.
     worker: Mapped[str | None] = mapped_column(String(200))
+    # When the engine was handed the request (after any load); `created_at` is when the row was stored.
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     item: Mapped[Item] = relationship(back_populates="candidates")
@@ -198,6 +200,8 @@ class Output(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     # The Celery node that ran the aggregator.
     worker: Mapped[str | None] = mapped_column(String(200))
+    # When the engine was handed the request (after any load); `created_at` is when the row was stored.
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     item: Mapped[Item] = relationship(back_populates="output")

@@ -7,6 +7,7 @@ without importing each other.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.dialects import postgresql, sqlite
@@ -37,6 +38,8 @@ class GenerationRecord:
     attempt: int = 1
     # The worker node that ran the stage.
     worker: str | None = None
+    # When the engine was handed the request; None when the attempt failed before (at the load).
+    started_at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,16 @@ def record_candidate(
 
 
 # What an output stores of its generation record.
-_OUTPUT_FIELDS = ("model", "text", "prompt_tokens", "output_tokens", "latency_ms", "finish_reason", "worker")
+_OUTPUT_FIELDS = (
+    "model",
+    "text",
+    "prompt_tokens",
+    "output_tokens",
+    "latency_ms",
+    "finish_reason",
+    "worker",
+    "started_at",
+)
 
 
 @cache

@@ -20,6 +20,7 @@ __all__ = [
     "EMBEDDED_MODELS",
     "EMBEDDED_PREFIX",
     "AggregatorSpec",
+    "Architecture",
     "LayerSpec",
     "ModelSpec",
     "OpenAIModel",
@@ -68,14 +69,27 @@ class _ModelBase(_Strict):
     notes: str | None = Field(default=None, description="Chat-template or quantization notes.")
 
 
+class Architecture(_Strict):
+    """The counts that size a model's KV cache, as its Hugging Face config gives them
+    (`num_hidden_layers`, `num_key_value_heads`, `head_dim`): the memory plan turns KV-cache room
+    into tokens and concurrent sequences with them."""
+
+    num_layers: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+
+
 class VllmModel(_ModelBase):
     engine: Literal["vllm"]
     # A local folder, a model id present in the local Hugging Face cache, or `embedded:smollm2`.
     weights: str
     quantization: Literal["awq", "awq_marlin", "gptq", "gptq_marlin", "fp8"] | None = None
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # Only for a model whose KV cache the plan cannot size (no `memory_gb` or `weights_gb`): otherwise
+    # the engine gets exactly the KV cache the memory plan leaves it.
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     enable_prefix_caching: bool = True
+    architecture: Architecture | None = None
 
     @field_validator("weights")
     @classmethod

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from celery import Task
 
 from db import stages
-from db.models import ItemStatus
+from db.models import ItemStatus, utcnow
 from db.rows import GenerationRecord
 from db.session import statement_scope
 from orchestrator.celery_app import TASK_AGGREGATOR, TASK_PROPOSER, app
@@ -26,10 +27,11 @@ from orchestrator.job_recipes import job_recipe
 from orchestrator.prompts import build_stage_prompt
 from orchestrator.recipes import Recipe, SamplingSpec
 from orchestrator.settings import get_settings
+from workers.engine_sizing import planned_spec
 from workers.engines import ChatRequest, Engine
 from workers.metrics import STAGES
 from workers.outcomes import Failure
-from workers.stage_runner import STAGE_RETRY, attempt_stage, attempts, ride_out_database
+from workers.stage_runner import STAGE_RETRY, attempt_stage, attempts, engine_host, ride_out_database
 
 __all__ = ["run_aggregator", "run_proposer"]
 
@@ -57,6 +59,8 @@ class _Stage:
     # A conversation's turns before the instruction (empty for a one-turn prompt).
     history: list[ChatMessage] = field(default_factory=list)
     truncation: dict[str, Any] | None = None
+    # When the request went to the engine (the timeline's generation intervals start there).
+    started_at: datetime | None = None
 
     @classmethod
     def of(cls, item: stages.StageRead, references: list[str]) -> _Stage:
@@ -65,11 +69,15 @@ class _Stage:
         return cls(item.job_id, item.instruction, item.system, references, history)
 
 
+# What a record keeps of a generation.
+_RECORDED = {"text", "prompt_tokens", "output_tokens", "latency_ms", "finish_reason"}
+
+
 def _attempt(
     task: Task, stage: _Stage, recipe: Recipe, model: str, sampling: SamplingSpec, layer: int, request_id: str
 ) -> GenerationRecord:
     """One attempt on `model` with the prompt built for its engine, as the record to store."""
-    spec = recipe.model(model)
+    spec = planned_spec(recipe, model, engine_host().settings.worker_memory_gb)
 
     def prepare(engine: Engine) -> ChatRequest:
         prompt = build_stage_prompt(
@@ -84,20 +92,15 @@ def _attempt(
             layer=layer,
         )
         stage.truncation = prompt.truncation.model_dump() if prompt.truncation else None
+        stage.started_at = utcnow()
         return ChatRequest.build(request_id, prompt.messages, sampling)
 
     outcome = attempt_stage(task, model, spec, prepare, stage.job_id)
     ran = {"model": model, "attempt": attempts(task), "worker": task.request.hostname}
+    ran["started_at"] = stage.started_at
     if isinstance(outcome, Failure):
         return GenerationRecord(**ran, text=None, error=outcome.message)
-    return GenerationRecord(
-        **ran,
-        text=outcome.text,
-        prompt_tokens=outcome.prompt_tokens,
-        output_tokens=outcome.output_tokens,
-        latency_ms=outcome.latency_ms,
-        finish_reason=outcome.finish_reason,
-    )
+    return GenerationRecord(**ran, **outcome.model_dump(include=_RECORDED))
 
 
 # Results are not stored: nothing reads them (the database is the record), and the Redis result

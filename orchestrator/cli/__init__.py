@@ -5,13 +5,14 @@ worker.py    `worker`: a Celery worker of one role
 service.py   `api`, `flower`, `recover`, `db upgrade`, `plan`, `models prepare`
 jobs.py      `submit`, `status`, `export`, `cancel`, `retry` through the HTTP API (views.py shows them)
 evaluate.py  `eval`, `compare`, `diversity`
+timeline.py  `timeline`: where a job's time went, from the record
 """
 
 from __future__ import annotations
 
 import typer
 
-from orchestrator.cli import evaluate, jobs, run, service, worker
+from orchestrator.cli import evaluate, jobs, run, service, timeline, worker
 
 __all__ = ["cli", "main"]
 
@@ -34,6 +35,7 @@ for command in (jobs.submit, jobs.status, jobs.export, jobs.cancel, jobs.retry):
 cli.command("eval")(evaluate.evaluate)
 cli.command()(evaluate.compare)
 cli.command()(evaluate.diversity)
+cli.command()(timeline.timeline)
 
 
 def main() -> None:

@@ -88,37 +88,66 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     console.print(f"database at {url} is at revision {revision}")
 
 
+def _gb(value: float | None) -> str:
+    return "?" if value is None else f"{value:.4g}"
+
+
 def plan(
     recipe: Annotated[str, typer.Argument(help="Recipe name or path.")],
     gpu_memory_gb: Annotated[
         float, typer.Option(min=0.1, help="Device memory budget (RAM on a CPU box).")
     ] = 80.0,
+    context_gb: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Device memory each vLLM engine keeps beside weights and KV cache, asleep too "
+            "(its CUDA context); 0 on a CPU.  [default: 1.0]",
+        ),
+    ] = None,
 ) -> None:
-    """Print the memory plan of a recipe: resident models, the swap slot, KV-cache room, loads per stage."""
-    from orchestrator.planning import plan_memory
+    """Print the memory plan of a recipe: resident models, the swap slot, the KV cache each model gets
+    (GB, tokens, concurrent sequences), loads per stage."""
+    from orchestrator.planning import CUDA_CONTEXT_GB, plan_memory
 
     try:
         chosen = load_recipe(recipe, get_settings().recipes_dir)
     except RecipeError as exc:
         raise fail_on(exc) from None
-    memory_plan = plan_memory(chosen, gpu_memory_gb)
+    context = CUDA_CONTEXT_GB if context_gb is None else context_gb
+    memory_plan = plan_memory(chosen, gpu_memory_gb, context_gb=context)
     table = Table(title=f"{chosen.name} on {gpu_memory_gb:g} GB")
-    for column in ("model", "memory GB", "weights GB", "KV cache GB", "placement", "used in"):
+    columns = ("model", "memory GB", "weights GB", "KV cache GB", "KV per token", "KV tokens", "sequences")
+    for column in (*columns, "placement", "used in"):
         table.add_column(column)
     for model in memory_plan.models:
+        kv = _gb(model.kv_cache_gb)
+        if model.planned_kv_gb is not None and model.planned_kv_gb != model.kv_cache_gb:
+            kv += f" → {_gb(model.planned_kv_gb)}"
+        per_token = model.kv_bytes_per_token
         table.add_row(
             model.name,
             f"{model.memory_gb:g}",
-            "?" if model.weights_gb is None else f"{model.weights_gb:g}",
-            "?" if model.kv_cache_gb is None else f"{model.kv_cache_gb:g}",
+            _gb(model.weights_gb),
+            kv,
+            "?" if per_token is None else f"{per_token / 1e6:.3g} MB",
+            "?" if model.kv_tokens is None else f"{model.kv_tokens:,}",
+            "?" if model.sequences is None else f"{model.sequences} x {model.sequence_tokens:,} tokens",
             "resident" if model.resident else "swaps",
             ", ".join(model.used_in),
         )
     console.print(table)
     console.print(
         f"resident: {memory_plan.resident_gb:g} GB; swap slot: {memory_plan.swap_slot_gb:g} GB; "
-        f"peak: {memory_plan.resident_gb + memory_plan.swap_slot_gb:g} of {gpu_memory_gb:g} GB"
+        f"peak: {memory_plan.resident_gb + memory_plan.swap_slot_gb:g} of {gpu_memory_gb:g} GB "
+        "at the recipe's memory_gb"
     )
+    if memory_plan.fits:
+        engines = sum(1 for m in memory_plan.models if chosen.model(m.name).engine == "vllm")
+        console.print(
+            f"planned: KV caches sized to the room left; peak {memory_plan.peak_gb:.4g} of "
+            f"{gpu_memory_gb:g} GB with {engines} engine contexts of {context:g} GB"
+        )
     for stage, models in memory_plan.loads:
         console.print(f"  {stage}: load {', '.join(models) if models else 'nothing'}")
     console.print(f"loads per job: {memory_plan.total_loads} (one per swapped model per layer, not per item)")

@@ -19,7 +19,7 @@ from workers.engines.base import ChatRequest, Delta, Engine, Generation
 from workers.engines.errors import EngineOutOfMemory, EngineUnavailable, RequestRejected
 from workers.model_store import resolve_weights
 
-__all__ = ["HFTokenizer", "VllmEngine"]
+__all__ = ["HFTokenizer", "VllmEngine", "engine_args", "kv_cache_gb"]
 
 # KV cache of a CPU engine whose recipe does not say (memory_gb - weights_gb), GiB. Setting it
 # explicitly also stops vLLM CPU from reserving 92 % of the NUMA node's memory at start, which fails
@@ -43,10 +43,41 @@ def cpu_dtype(requested: str) -> str:
     return "float32" if requested == "auto" and not _cpu_has_bf16() else requested
 
 
-def cpu_kv_cache_gb(spec: VllmModel) -> float:
+def kv_cache_gb(spec: VllmModel) -> float | None:
+    """The KV cache the recipe (or the memory plan, which sets `memory_gb`) gives: memory - weights."""
     if spec.memory_gb is not None and spec.weights_gb is not None and spec.memory_gb > spec.weights_gb:
         return spec.memory_gb - spec.weights_gb
-    return DEFAULT_CPU_KV_CACHE_GB
+    return None
+
+
+def cpu_kv_cache_gb(spec: VllmModel) -> float:
+    return kv_cache_gb(spec) or DEFAULT_CPU_KV_CACHE_GB
+
+
+def engine_args(name: str, spec: VllmModel, weights: str, *, on_cpu: bool) -> dict[str, Any]:
+    """vLLM engine arguments of a recipe model: the KV cache is exactly the one planned for it
+    (`kv_cache_memory_bytes`); `gpu_memory_utilization` only for a model without that plan."""
+    args: dict[str, Any] = {
+        "model": weights,
+        "served_model_name": name,
+        "max_model_len": spec.context_length,
+        "enable_prefix_caching": spec.enable_prefix_caching,
+        "dtype": cpu_dtype(spec.dtype) if on_cpu else spec.dtype,
+        # On CPU, torch.compile costs minutes per start and its cache does not reload: run eager.
+        "enforce_eager": on_cpu,
+    }
+    if spec.quantization:
+        args["quantization"] = spec.quantization
+    kv = cpu_kv_cache_gb(spec) if on_cpu else kv_cache_gb(spec)
+    if kv is not None:
+        args["kv_cache_memory_bytes"] = int(kv * 2**30)
+    elif spec.gpu_memory_utilization:
+        args["gpu_memory_utilization"] = spec.gpu_memory_utilization
+    if not on_cpu:
+        # Sleep mode lets the host evict this model in about a second and wake it as fast
+        # (vLLM CPU rejects the option: there, eviction is a full unload).
+        args["enable_sleep_mode"] = True
+    return args
 
 
 def request_seed(seed: int | None, *, on_cpu: bool) -> int | None:
@@ -102,25 +133,7 @@ class VllmEngine(Engine):
 
         weights = str(resolve_weights(self.spec, self.cache_dir))
         on_cpu = self._on_cpu = current_platform.is_cpu()
-        args: dict[str, Any] = {
-            "model": weights,
-            "served_model_name": self.name,
-            "max_model_len": self.spec.context_length,
-            "enable_prefix_caching": self.spec.enable_prefix_caching,
-            "dtype": cpu_dtype(self.spec.dtype) if on_cpu else self.spec.dtype,
-            # On CPU, torch.compile costs minutes per start and its cache does not reload: run eager.
-            "enforce_eager": on_cpu,
-        }
-        if self.spec.quantization:
-            args["quantization"] = self.spec.quantization
-        if on_cpu:
-            args["kv_cache_memory_bytes"] = int(cpu_kv_cache_gb(self.spec) * 2**30)
-        else:
-            # Sleep mode lets the host evict this model in about a second and wake it as fast
-            # (vLLM CPU rejects the option: there, eviction is a full unload).
-            args["enable_sleep_mode"] = True
-            if self.spec.gpu_memory_utilization:
-                args["gpu_memory_utilization"] = self.spec.gpu_memory_utilization
+        args = engine_args(self.name, self.spec, weights, on_cpu=on_cpu)
         free_before = _device_free_bytes(on_cpu)
         self._hf = AutoTokenizer.from_pretrained(weights)
         if self.spec.system_role == "auto":
