@@ -21,9 +21,10 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, func, select, text
 
 from db.migrate import upgrade
+from db.models import Item, Job
 from db.session import session_scope
 from orchestrator.celery_app import app as celery_app
 from orchestrator.celery_app import configure
@@ -157,6 +158,28 @@ def wait_for_job(database_url: str, job_id: str, timeout: float = 300.0) -> Any:
                 f"job {job_id} still {job.status} after {timeout:.0f} s ({job.items_done}/{job.total_items})"
             )
         time.sleep(0.25)
+
+
+def stored(database_url: str) -> tuple[int, int]:
+    """How many jobs and items the session's schema holds: a refused input must store none."""
+    with session_scope(database_url) as session:
+        jobs = session.scalar(select(func.count()).select_from(Job)) or 0
+        items = session.scalar(select(func.count()).select_from(Item)) or 0
+        return jobs, items
+
+
+def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`slimmoa run` in `cwd` with no service URLs: a private Redis and ./slimmoa.db."""
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
+    env["COLUMNS"] = "200"
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "run", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def project_path(*parts: str) -> Path:

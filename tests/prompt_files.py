@@ -5,9 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,20 +63,6 @@ def write(path: Path, records: list[dict[str, Any]], **saved: bool) -> Path:
 
 def slimmoa(*args: str) -> Result:
     return CliRunner().invoke(cli, list(args), env={"COLUMNS": "200", "SLIMMOA_API_TOKEN": ""})
-
-
-def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`slimmoa run` in `cwd` with no service URLs: a private Redis and ./slimmoa.db."""
-    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
-    env["COLUMNS"] = "200"
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "run", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def one_line(text: str) -> str:

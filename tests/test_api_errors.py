@@ -12,12 +12,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
 
-from db.models import Item, Job
-from db.session import session_scope
 from orchestrator.api.app import create_app
 from orchestrator.settings import Settings, get_settings
+from tests.conftest import stored
 
 RECIPE: dict[str, Any] = {
     "models": {"a": {"engine": "synthetic"}},
@@ -35,13 +33,6 @@ def settings(**changes: Any) -> Settings:
 def client(services: dict[str, str]) -> Iterator[TestClient]:
     with TestClient(create_app(settings(api_token=""))) as test_client:
         yield test_client
-
-
-def stored(database_url: str) -> tuple[int, int]:
-    with session_scope(database_url) as session:
-        jobs = session.scalar(select(func.count()).select_from(Job)) or 0
-        items = session.scalar(select(func.count()).select_from(Item)) or 0
-        return jobs, items
 
 
 def with_item(index: int, item: dict[str, Any]) -> list[dict[str, Any]]:

@@ -17,14 +17,12 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
 
-from db.models import Item, Job
-from db.session import session_scope
 from orchestrator.api.app import create_app
 from orchestrator.errors import InputError
 from orchestrator.inputs import FieldMap, InputFormat, parse_records, read_records
 from orchestrator.settings import get_settings
+from tests.conftest import run_cli, stored
 from tests.prompt_files import (
     ARENA,
     EXPECTED,
@@ -34,7 +32,6 @@ from tests.prompt_files import (
     encode,
     job_rows,
     one_line,
-    run_cli,
     slimmoa,
     write,
 )
@@ -228,13 +225,6 @@ def test_bad_input_exits_2_naming_the_place_and_stores_nothing(
 def client(services: dict[str, str]) -> Iterator[TestClient]:
     with TestClient(create_app(get_settings().model_copy(update={"api_token": ""}))) as test_client:
         yield test_client
-
-
-def stored(database_url: str) -> tuple[int, int]:
-    with session_scope(database_url) as session:
-        jobs = session.scalar(select(func.count()).select_from(Job)) or 0
-        items = session.scalar(select(func.count()).select_from(Item)) or 0
-        return jobs, items
 
 
 @pytest.mark.parametrize(("name", "content", "mapping", "message"), BAD, ids=BAD_IDS)

@@ -23,8 +23,16 @@ from db.session import session_scope
 from orchestrator.embedded import free_port
 from orchestrator.recipes import SyntheticModel
 from orchestrator.settings import FaultSpec, Settings
-from tests.conftest import WORKER_ENV, recipe_from_yaml, sample_records, store, submit, wait_for_job
-from tests.test_run_cli import run_cli, write
+from tests.conftest import (
+    WORKER_ENV,
+    recipe_from_yaml,
+    run_cli,
+    sample_records,
+    store,
+    submit,
+    wait_for_job,
+)
+from tests.test_run_cli import write
 from workers import stage_runner
 from workers.engine_host import EngineHost
 from workers.engines import ChatRequest, Engine, EngineUnavailable, Generation, create_engine

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.inputs import read_records
-from tests.conftest import wait_for_job
+from tests.conftest import run_cli, wait_for_job
 from tests.prompt_files import (
     ARENA,
     EXPECTED,
@@ -22,7 +22,6 @@ from tests.prompt_files import (
     MAPPING,
     job_rows,
     one_line,
-    run_cli,
     slimmoa,
     write,
 )

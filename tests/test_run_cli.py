@@ -4,14 +4,11 @@ a good run (synthetic engine, private Redis, SQLite) writes outputs and pools.""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, run_cli
 
 BAD_RECIPE = """
 models: {a: {engine: synthetic}}
@@ -23,20 +20,6 @@ models: {big: {engine: vllm, weights: /nonexistent/Llama-70B-AWQ}}
 layers: [{proposers: [{model: big}]}]
 aggregator: {model: big}
 """
-
-
-def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run `slimmoa run` in `cwd` with no service URLs: the embedded defaults apply."""
-    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
-    env["COLUMNS"] = "200"
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "run", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def write(path: Path, text: str) -> Path:
