@@ -22,8 +22,6 @@ Engine errors are the workers' (`workers.engines.errors`); `db` raises SQLAlchem
 
 from __future__ import annotations
 
-from pydantic import ValidationError
-
 __all__ = [
     "USAGE_ERROR",
     "ApiError",
@@ -42,7 +40,6 @@ __all__ = [
     "SlimMoAError",
     "StageFailure",
     "Unavailable",
-    "first_validation_message",
     "validation_message",
 ]
 
@@ -133,10 +130,3 @@ def validation_message(error: dict[str, object]) -> str:
     if error["type"] == "missing":
         return "is required"
     return str(error["msg"]).removeprefix("Value error, ")
-
-
-def first_validation_message(exc: ValidationError) -> tuple[str, str]:
-    """(dotted field path, message) of the first problem in a pydantic error."""
-    problem = exc.errors()[0]
-    field = ".".join(str(part) for part in problem["loc"]) or "record"
-    return field, validation_message(dict(problem))

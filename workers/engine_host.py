@@ -141,10 +141,6 @@ class EngineHost:
         except Exception as exc:
             return classify(exc, name, during)
 
-    def failed_loads(self) -> dict[str, str]:
-        """Models whose permanent load failure is remembered, with the loader's message."""
-        return self._failed_loads.messages()
-
     def _load_failed(self, name: str, exc: Exception, seconds: float, job_id: str | None) -> LoadFailed:
         """Turn a load's exception into its outcome; remember it if permanent, and record it."""
         failure = classify(exc, name, "loading")

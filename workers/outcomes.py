@@ -68,11 +68,6 @@ class FailedLoads:
                 return None
             return failure
 
-    def messages(self) -> dict[str, str]:
-        now = time.monotonic()
-        with self._lock:
-            return {model: f.message for model, (until, f) in self._failures.items() if until > now}
-
 
 def classify(exc: BaseException, model: str, during: str) -> Failure:
     """The outcome of an exception raised while `during` (loading, generating, ...) on `model`."""
