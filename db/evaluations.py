@@ -14,7 +14,16 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Evaluation, EvaluationStatus, Item, Judgment, JudgmentStatus, Output, utcnow
+from db.models import (
+    FINAL_OUTPUT,
+    Evaluation,
+    EvaluationStatus,
+    Item,
+    Judgment,
+    JudgmentStatus,
+    Output,
+    utcnow,
+)
 from db.rows import dialect_insert
 
 __all__ = [
@@ -175,7 +184,7 @@ def evaluation_rows(session: Session, evaluation_id: int) -> list[tuple[Judgment
     query = (
         select(Judgment, Item, Output)
         .join(Item, Item.id == Judgment.item_id)
-        .join(Output, Output.item_id == Item.id)
+        .join(Output, FINAL_OUTPUT)
         .where(Judgment.evaluation_id == evaluation_id, Judgment.status == JudgmentStatus.DONE)
         .order_by(Item.position)
     )

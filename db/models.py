@@ -18,11 +18,13 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    and_,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
     "FINAL_JOB_STATUSES",
+    "FINAL_OUTPUT",
     "ITEM_COUNTERS",
     "Base",
     "Candidate",
@@ -136,6 +138,12 @@ class Item(Base):
     # A chat record's whole conversation ([{role, content}], ending with `instruction` as the user's
     # turn); None for a one-turn prompt (instruction and system alone).
     messages: Mapped[list[Any] | None]
+    # The user turns of a multi-turn record (MT-Bench's `turns`), answered one MoA round each, every
+    # round seeing the answers to the turns before it; None for a one-turn prompt. `instruction` is
+    # the last turn (the one the item's output answers).
+    turns: Mapped[list[Any] | None]
+    # The item's answer is the output of this turn: 0 for a one-turn prompt, len(turns) - 1 otherwise.
+    last_turn: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     status: Mapped[str] = mapped_column(String(16), default=ItemStatus.PENDING, index=True)
     error: Mapped[str | None] = mapped_column(Text)
     # One TruncationRecord per stage whose pool had to be cut to fit the model's context.
@@ -147,19 +155,31 @@ class Item(Base):
 
     job: Mapped[Job] = relationship(back_populates="items")
     candidates: Mapped[list[Candidate]] = relationship(
-        back_populates="item", order_by="(Candidate.layer, Candidate.slot)"
+        back_populates="item", order_by="(Candidate.turn, Candidate.layer, Candidate.slot)"
     )
-    output: Mapped[Output | None] = relationship(back_populates="item")
+    # Every turn's aggregated answer, in turn order (one for a one-turn prompt).
+    outputs: Mapped[list[Output]] = relationship(back_populates="item", order_by="Output.turn")
+    # The item's answer: its last turn's output.
+    output: Mapped[Output | None] = relationship(
+        primaryjoin="and_(Item.id == foreign(Output.item_id), Output.turn == Item.last_turn)",
+        viewonly=True,
+        uselist=False,
+    )
 
 
 class Candidate(Base):
-    """One proposer generation. Unique on (item, layer, slot): a redelivered task cannot add a second."""
+    """One proposer generation. Unique on (item, turn, layer, slot): a redelivered task cannot add
+    a second."""
 
     __tablename__ = "candidates"
-    __table_args__ = (UniqueConstraint("item_id", "layer", "slot", name="uq_candidates_item_layer_slot"),)
+    __table_args__ = (
+        UniqueConstraint("item_id", "turn", "layer", "slot", name="uq_candidates_item_turn_layer_slot"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    # The user turn this candidate answers (0 for a one-turn prompt).
+    turn: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     layer: Mapped[int] = mapped_column(Integer)
     slot: Mapped[int] = mapped_column(Integer)
     model: Mapped[str] = mapped_column(String(200))
@@ -185,12 +205,14 @@ class Candidate(Base):
 
 
 class Output(Base):
-    """The aggregated answer of an item; at most one per item."""
+    """The aggregated answer to one turn of an item; at most one per (item, turn)."""
 
     __tablename__ = "outputs"
+    __table_args__ = (UniqueConstraint("item_id", "turn", name="uq_outputs_item_turn"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), unique=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    turn: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     model: Mapped[str] = mapped_column(String(200))
     text: Mapped[str] = mapped_column(Text)
     pool_size: Mapped[int] = mapped_column(Integer)
@@ -204,7 +226,7 @@ class Output(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
-    item: Mapped[Item] = relationship(back_populates="output")
+    item: Mapped[Item] = relationship(back_populates="outputs")
 
 
 class Evaluation(Base):
@@ -294,6 +316,9 @@ class EngineLoad(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
+
+# Joins an item to its answer: the output of its last turn.
+FINAL_OUTPUT = and_(Output.item_id == Item.id, Output.turn == Item.last_turn)
 
 # The job's counter of each final item status.
 ITEM_COUNTERS = {

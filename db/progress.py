@@ -62,6 +62,7 @@ def job_counts(session: Session, job_id: str) -> JobCounts:
     failed = Candidate.error.is_not(None)
     layers: Sequence[Any] = session.execute(
         select(
+            Candidate.turn,
             Candidate.layer,
             func.count().filter(~failed),
             func.count().filter(failed),
@@ -70,25 +71,37 @@ def job_counts(session: Session, job_id: str) -> JobCounts:
         )
         .join(Item)
         .where(Item.job_id == job_id)
-        .group_by(Candidate.layer)
+        .group_by(Candidate.turn, Candidate.layer)
     ).all()
-    failures = sum(row[2] for row in layers)
-    outputs, out_prompt, out_output = session.execute(
+    failures = sum(row[3] for row in layers)
+    answers: Sequence[Any] = session.execute(
         select(
+            Output.turn,
             func.count(),
+            func.count().filter(Output.turn == Item.last_turn),
             func.coalesce(func.sum(Output.prompt_tokens), 0),
             func.coalesce(func.sum(Output.output_tokens), 0),
         )
         .join(Item)
         .where(Item.job_id == job_id)
-    ).one()
+        .group_by(Output.turn)
+    ).all()
+    # How many items have each turn: one-turn items have only turn 0.
+    reaching: dict[int, int] = {}
+    for last_turn, count in session.execute(
+        select(Item.last_turn, func.count()).where(Item.job_id == job_id).group_by(Item.last_turn)
+    ).tuples():
+        for turn in range(last_turn + 1):
+            reaching[turn] = reaching.get(turn, 0) + count
     return JobCounts(
         items=items,
-        candidates={layer: (ok, bad) for layer, ok, bad, _, _ in layers},
-        outputs=outputs,
-        prompt_tokens=out_prompt + sum(row[3] for row in layers),
-        output_tokens=out_output + sum(row[4] for row in layers),
+        candidates={(turn, layer): (ok, bad) for turn, layer, ok, bad, _, _ in layers},
+        outputs=sum(row[2] for row in answers),
+        prompt_tokens=sum(row[3] for row in answers) + sum(row[4] for row in layers),
+        output_tokens=sum(row[4] for row in answers) + sum(row[5] for row in layers),
         latest_error=latest_error(session, job_id) if items.get(ItemStatus.FAILED) or failures else None,
+        answers={turn: count for turn, count, *_ in answers},
+        items_per_turn=reaching,
     )
 
 

@@ -5,14 +5,14 @@ Finished candidates are never touched here: a re-run stage finds its row and ret
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from db.models import ITEM_COUNTERS, Candidate, Item, ItemStatus, Job, JobStatus, Output, utcnow
-from db.rows import RetryPlan, StalledItem
+from db.rows import RetryPlan, StalledItem, waiting_turn
 
 __all__ = [
     "failed_stage_items",
@@ -57,7 +57,7 @@ def stalled_items(session: Session, quiet_since: datetime, limit: int = 10_000) 
     """Pending items of live jobs with no dispatch and no candidate written since `quiet_since`."""
     recent = select(Candidate.id).where(Candidate.item_id == Item.id, Candidate.created_at >= quiet_since)
     query = (
-        select(Item.id, Item.job_id)
+        select(Item.id, Item.job_id, Item.last_turn)
         .join(Job, Job.id == Item.job_id)
         .where(
             Item.status == ItemStatus.PENDING,
@@ -70,34 +70,51 @@ def stalled_items(session: Session, quiet_since: datetime, limit: int = 10_000) 
         .limit(limit)
     )
     items = session.execute(query).all()
-    rows: dict[int, set[tuple[int, int]]] = {item_id: set() for item_id, _ in items}
+    rows: dict[int, set[tuple[int, int, int]]] = {item_id: set() for item_id, *_ in items}
+    answered: dict[int, set[int]] = {item_id: set() for item_id, *_ in items}
     if rows:
         found = session.execute(
-            select(Candidate.item_id, Candidate.layer, Candidate.slot).where(Candidate.item_id.in_(rows))
+            select(Candidate.item_id, Candidate.turn, Candidate.layer, Candidate.slot).where(
+                Candidate.item_id.in_(rows)
+            )
         )
-        for item_id, layer, slot in found:
-            rows[item_id].add((layer, slot))
-    return [StalledItem(item_id, job_id, frozenset(rows[item_id])) for item_id, job_id in items]
+        for item_id, turn, layer, slot in found:
+            rows[item_id].add((turn, layer, slot))
+        # Only multi-turn items have outputs while pending: the earlier turns' answers.
+        multi_turn = [item_id for item_id, _, last_turn in items if last_turn > 0]
+        for item_id, turn in session.execute(
+            select(Output.item_id, Output.turn).where(Output.item_id.in_(multi_turn))
+        ):
+            answered[item_id].add(turn)
+    return [
+        StalledItem(item_id, job_id, frozenset(rows[item_id]), frozenset(answered[item_id]), last_turn)
+        for item_id, job_id, last_turn in items
+    ]
 
 
-def reopen_items(session: Session, job_id: str, item_ids: Sequence[int], *, drop_outputs: bool) -> int:
-    """Move finished items back to pending and uncount them on the job; returns how many moved.
+def reopen_items(session: Session, job_id: str, from_turns: Mapping[int, int]) -> int:
+    """Move finished items back to pending at a turn (item id -> turn) and uncount them on the job;
+    returns how many moved.
 
-    Finished candidates are kept: the re-run stages find them and return without generating.
+    The outputs of that turn and later ones are dropped, and so are the candidates of later turns:
+    they answered a conversation that the re-run turn changes. The turn's own finished candidates
+    are kept: the re-run stages find them and return without generating.
     """
-    if not item_ids:
+    if not from_turns:
         return 0
     rows = session.execute(
         select(Item.id, Item.status).where(
-            Item.job_id == job_id, Item.id.in_(item_ids), Item.status != ItemStatus.PENDING
+            Item.job_id == job_id, Item.id.in_(list(from_turns)), Item.status != ItemStatus.PENDING
         )
     ).all()
     if not rows:
         return 0
     counts = {status: sum(1 for _, s in rows if s == status) for status in ITEM_COUNTERS}
     ids = [item_id for item_id, _ in rows]
-    if drop_outputs:
-        session.execute(delete(Output).where(Output.item_id.in_(ids)))
+    for turn in {from_turns[item_id] for item_id in ids}:
+        at_turn = [item_id for item_id in ids if from_turns[item_id] == turn]
+        session.execute(delete(Output).where(Output.item_id.in_(at_turn), Output.turn >= turn))
+        session.execute(delete(Candidate).where(Candidate.item_id.in_(at_turn), Candidate.turn > turn))
     session.execute(
         update(Item)
         .where(Item.id.in_(ids))
@@ -115,24 +132,30 @@ def reopen_items(session: Session, job_id: str, item_ids: Sequence[int], *, drop
 
 
 def failed_stage_items(session: Session, job_id: str, item_ids: Sequence[int] | None = None) -> RetryPlan:
-    """Items with a failed stage: failed or degraded items, split by whether their pool needs work.
+    """Items with a failed stage: failed or degraded items, each from the first turn that needs work,
+    split by whether that turn's pool needs work.
 
-    An item whose pool is complete and whose aggregator failed needs the aggregator only, so its
-    candidates are never regenerated.
+    A turn with a failed candidate re-runs its canvas (its pool was short); an item whose pools are
+    complete and whose aggregator failed needs that turn's aggregator only, so its candidates are
+    never regenerated.
     """
     query = (
         select(Item)
         .where(Item.job_id == job_id, Item.status.in_([ItemStatus.FAILED, ItemStatus.DEGRADED]))
-        .options(selectinload(Item.candidates))
+        .options(selectinload(Item.candidates), selectinload(Item.outputs))
     )
     if item_ids is not None:
         query = query.where(Item.id.in_(item_ids))
-    canvas, aggregator_only = [], []
+    canvas: dict[int, int] = {}
+    aggregator_only: dict[int, int] = {}
     for item in session.scalars(query):
-        if any(not c.ok for c in item.candidates) or item.status == ItemStatus.DEGRADED:
-            canvas.append(item.id)
-        elif item.candidates:
-            aggregator_only.append(item.id)
+        failed_turns = [c.turn for c in item.candidates if not c.ok]
+        answered = {output.turn for output in item.outputs}
+        waiting = waiting_turn(answered, item.last_turn)
+        if failed_turns:
+            canvas[item.id] = min(failed_turns)
+        elif any(c.turn == waiting for c in item.candidates):
+            aggregator_only[item.id] = waiting
         else:
-            canvas.append(item.id)
+            canvas[item.id] = waiting
     return RetryPlan(canvas=canvas, aggregator_only=aggregator_only)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from db.models import Item, ItemStatus, Output
+from db.models import FINAL_OUTPUT, Item, ItemStatus, Output
 
 __all__ = ["finished_items", "job_outputs"]
 
@@ -15,16 +15,18 @@ __all__ = ["finished_items", "job_outputs"]
 def finished_items(
     session: Session, job_id: str, *, after_position: int, limit: int, with_pools: bool
 ) -> list[tuple[Item, Output | None]]:
-    """The next `limit` finished items after `after_position`, in input order, with their outputs.
+    """The next `limit` finished items after `after_position`, in input order, with their outputs
+    (and every turn's output, loaded on the item).
 
     Keyset pages: an export reads a job of any size in constant memory, one page per query.
     """
     query = (
         select(Item, Output)
-        .outerjoin(Output, Output.item_id == Item.id)
+        .outerjoin(Output, FINAL_OUTPUT)
         .where(Item.job_id == job_id, Item.position > after_position, Item.status != ItemStatus.PENDING)
         .order_by(Item.position)
         .limit(limit)
+        .options(selectinload(Item.outputs))
     )
     if with_pools:
         query = query.options(selectinload(Item.candidates))
@@ -38,7 +40,7 @@ def job_outputs(
     every item's candidates in the same round of queries instead of one query per item."""
     query = (
         select(Item, Output)
-        .outerjoin(Output, Output.item_id == Item.id)
+        .outerjoin(Output, FINAL_OUTPUT)
         .where(Item.job_id == job_id)
         .order_by(Item.position)
     )

@@ -6,13 +6,22 @@ without importing each other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy.dialects import postgresql, sqlite
 
-__all__ = ["GenerationRecord", "JobCounts", "NewItem", "RetryPlan", "StalledItem", "dialect_insert"]
+__all__ = [
+    "GenerationRecord",
+    "JobCounts",
+    "NewItem",
+    "RetryPlan",
+    "StalledItem",
+    "dialect_insert",
+    "waiting_turn",
+]
 
 
 @dataclass(frozen=True)
@@ -22,6 +31,7 @@ class NewItem:
     dataset: str | None = None
     system: str | None = None
     messages: list[dict[str, str]] | None = None
+    turns: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -44,32 +54,50 @@ class GenerationRecord:
 
 @dataclass(frozen=True)
 class JobCounts:
-    """Progress of a job per stage: items by status, candidate rows per layer, tokens generated."""
+    """Progress of a job per stage: items by status, candidate rows per turn and layer, tokens generated."""
 
     items: dict[str, int]
-    # layer -> (finished candidates, failed candidates)
-    candidates: dict[int, tuple[int, int]]
+    # (turn, layer) -> (finished candidates, failed candidates)
+    candidates: dict[tuple[int, int], tuple[int, int]]
+    # Items with their final output (their last turn's).
     outputs: int
     prompt_tokens: int
     output_tokens: int
     # The most recent failure recorded on a candidate or a failed item, as stored.
     latest_error: str | None = None
+    # turn -> aggregated answers stored for it, and items that have the turn (all have turn 0).
+    answers: dict[int, int] = field(default_factory=dict)
+    items_per_turn: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class StalledItem:
     item_id: int
     job_id: str
-    # (layer, slot) of every candidate row the item has, finished or failed.
-    rows: frozenset[tuple[int, int]]
+    # (turn, layer, slot) of every candidate row the item has, finished or failed.
+    rows: frozenset[tuple[int, int, int]]
+    # The turns that have their aggregated output, and the item's last turn.
+    answered: frozenset[int] = frozenset()
+    last_turn: int = 0
+
+    @property
+    def turn(self) -> int:
+        """The turn the item is at: its first turn without an output."""
+        return waiting_turn(self.answered, self.last_turn)
 
 
 @dataclass(frozen=True)
 class RetryPlan:
-    """Which items a retry re-runs, and from where: the whole canvas or the aggregator alone."""
+    """Which items a retry re-runs, and from where (item id -> turn): the turn's whole canvas, or its
+    aggregator alone."""
 
-    canvas: list[int]
-    aggregator_only: list[int]
+    canvas: dict[int, int]
+    aggregator_only: dict[int, int]
+
+
+def waiting_turn(answered: Collection[int], last_turn: int) -> int:
+    """The turn an item is at: its first turn without an output (the last when all have one)."""
+    return next((turn for turn in range(last_turn + 1) if turn not in answered), last_turn)
 
 
 def dialect_insert(dialect: str, table: Any) -> Any:

@@ -7,13 +7,17 @@ way and stores its output, finishes the item and counts it on the job in one sta
 on a `StageConnection` (`db.session.statement_scope`). On SQLite the multi-step writes are several
 statements in the connection's one transaction.
 
+A multi-turn item runs one MoA round per user turn: its candidates and outputs are keyed by turn, a
+stage reads only its own turn's rows, and the conversation so far (the earlier turns' outputs) with
+one more query.
+
 Each write is guarded (a unique row, ON CONFLICT, a pending-status check), so a redelivered stage
 changes nothing that is done.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, NamedTuple
 
@@ -32,7 +36,16 @@ __all__ = [
     "read_pools",
     "read_proposer",
     "record_candidate",
+    "record_turn_output",
 ]
+
+
+class TurnAnswer(NamedTuple):
+    """An earlier turn's aggregated output, as the next turns read it."""
+
+    turn: int
+    text: str
+    pool_size: int
 
 
 class CandidateRow(NamedTuple):
@@ -58,15 +71,23 @@ class StageRead:
     system: str | None
     # The conversation of a chat record ([{role, content}]), None for a one-turn prompt.
     messages: list[dict[str, str]] | None
+    # The user turns of a multi-turn record, None otherwise.
+    turns: list[str] | None
+    last_turn: int
     status: str
     job_status: str
-    # Rows of the layers read, ordered by layer and slot.
+    # Rows of the layers read (of the turn read), ordered by layer and slot.
     candidates: list[CandidateRow]
+    # Outputs of the turns up to the one read (multi-turn items only), in turn order.
+    answers: list[TurnAnswer] = field(default_factory=list)
 
     @property
     def runnable(self) -> bool:
         """The item still waits for its stages: it is pending and its job was not cancelled."""
         return self.status == ItemStatus.PENDING and self.job_status != JobStatus.CANCELLED
+
+    def answered(self, turn: int) -> bool:
+        return any(answer.turn == turn for answer in self.answers)
 
     def pool(self, layer: int) -> list[CandidateRow]:
         """Every slot row of a layer, ordered by slot: finished ones and recorded failures."""
@@ -76,10 +97,13 @@ class StageRead:
 def _stage_read(candidates: Any) -> Any:
     """The item with its job's status, joined to the candidate rows that `candidates` selects."""
     columns = (Candidate.id, Candidate.layer, Candidate.slot, Candidate.text, Candidate.error)
+    item = (Item.job_id, Item.instruction, Item.system, Item.messages, Item.turns, Item.last_turn)
     return (
-        select(Item.job_id, Item.instruction, Item.system, Item.messages, Item.status, Job.status, *columns)
+        select(*item, Item.status, Job.status, *columns)
         .join(Job, Job.id == Item.job_id)
-        .outerjoin(Candidate, and_(Candidate.item_id == Item.id, candidates))
+        .outerjoin(
+            Candidate, and_(Candidate.item_id == Item.id, Candidate.turn == bindparam("turn"), candidates)
+        )
         .where(Item.id == bindparam("item_id"))
         .order_by(Candidate.layer, Candidate.slot)
     )
@@ -95,28 +119,40 @@ _PROPOSER_READ = _stage_read(
 _POOL_READ = _stage_read(Candidate.layer >= bindparam("from_layer"))
 
 
+_ANSWERS = (
+    select(Output.turn, Output.text, Output.pool_size)
+    .where(Output.item_id == bindparam("item_id"), Output.turn <= bindparam("turn"))
+    .order_by(Output.turn)
+)
+_ITEM_COLUMNS = 8
+
+
 def _read(db: StageConnection, statement: Any, params: dict[str, Any]) -> StageRead | None:
     rows = db.rows(statement, params)
     if not rows:
         return None
-    job_id, instruction, system, messages, status, job_status = rows[0][:6]
     # An item without candidate rows comes back as one row whose candidate columns are NULL.
-    candidates = [CandidateRow._make(row[6:]) for row in rows if row[6] is not None]
-    return StageRead(job_id, instruction, system, messages, status, job_status, candidates)
+    candidates = [CandidateRow._make(row[_ITEM_COLUMNS:]) for row in rows if row[_ITEM_COLUMNS] is not None]
+    job_id, instruction, system, messages, turns, last_turn, status, job_status = rows[0][:_ITEM_COLUMNS]
+    read = StageRead(job_id, instruction, system, messages, turns, last_turn, status, job_status, candidates)
+    if read.turns is not None:
+        read.answers.extend(TurnAnswer._make(row) for row in db.rows(_ANSWERS, params))
+    return read
 
 
-def read_proposer(db: StageConnection, item_id: int, layer: int, slot: int) -> StageRead | None:
+def read_proposer(
+    db: StageConnection, item_id: int, layer: int, slot: int, turn: int = 0
+) -> StageRead | None:
     """A proposer's one query: the item, its job's status, the pool of layer - 1 and the row of its
-    own (layer, slot) if there is one; None when there is no such item."""
-    return _read(
-        db, _PROPOSER_READ, {"item_id": item_id, "pool_layer": layer - 1, "layer": layer, "slot": slot}
-    )
+    own (layer, slot) if there is one, of its turn; None when there is no such item."""
+    params = {"item_id": item_id, "pool_layer": layer - 1, "layer": layer, "slot": slot, "turn": turn}
+    return _read(db, _PROPOSER_READ, params)
 
 
-def read_pools(db: StageConnection, item_id: int, from_layer: int = 0) -> StageRead | None:
-    """The item, its job's status and its candidate rows of layers >= `from_layer`, in one query;
-    None when there is no such item."""
-    return _read(db, _POOL_READ, {"item_id": item_id, "from_layer": from_layer})
+def read_pools(db: StageConnection, item_id: int, from_layer: int = 0, turn: int = 0) -> StageRead | None:
+    """The item, its job's status and its candidate rows of layers >= `from_layer` of `turn`, in one
+    query; None when there is no such item."""
+    return _read(db, _POOL_READ, {"item_id": item_id, "from_layer": from_layer, "turn": turn})
 
 
 _JOB_RECIPE = select(Job.recipe).where(Job.id == bindparam("job_id"))
@@ -137,7 +173,7 @@ def mark_item_dispatched(db: StageConnection, item_id: int) -> None:
 
 
 _RECORD_FIELDS = tuple(GenerationRecord.__dataclass_fields__)
-_KEY = ("item_id", "layer", "slot")
+_KEY = ("item_id", "turn", "layer", "slot")
 
 
 @cache
@@ -156,10 +192,10 @@ _CANDIDATE_ID = select(Candidate.id).where(*(getattr(Candidate, key) == bindpara
 
 
 def record_candidate(
-    db: StageConnection, item_id: int, layer: int, slot: int, record: GenerationRecord
+    db: StageConnection, item_id: int, layer: int, slot: int, record: GenerationRecord, turn: int = 0
 ) -> int:
     """Store a slot's result and return the row id. A finished slot is never overwritten; a failed one is."""
-    key = {"item_id": item_id, "layer": layer, "slot": slot}
+    key = {"item_id": item_id, "turn": turn, "layer": layer, "slot": slot}
     written = db.rows(_candidate_upsert(db.dialect.name), key | record.__dict__ | {"now": utcnow()})
     if written:
         return int(written[0][0])
@@ -182,11 +218,26 @@ _OUTPUT_FIELDS = (
 
 @cache
 def _output_insert(dialect: str) -> Any:
-    columns = ("item_id", "pool_size", *_OUTPUT_FIELDS)
+    columns = ("item_id", "turn", "pool_size", *_OUTPUT_FIELDS)
     values: dict[str, Any] = {column: bindparam(column) for column in columns}
     values["created_at"] = bindparam("now")
     statement = dialect_insert(dialect, Output).values(values)
-    return statement.on_conflict_do_nothing(index_elements=["item_id"]).returning(Output.item_id)
+    return statement.on_conflict_do_nothing(index_elements=["item_id", "turn"]).returning(Output.item_id)
+
+
+def _output_params(output: GenerationRecord, turn: int, pool_size: int) -> dict[str, Any]:
+    assert output.text is not None
+    recorded = {name: getattr(output, name) for name in _OUTPUT_FIELDS}
+    return recorded | {"turn": turn, "pool_size": pool_size}
+
+
+def record_turn_output(
+    db: StageConnection, item_id: int, turn: int, output: GenerationRecord, pool_size: int
+) -> bool:
+    """Store the aggregated answer to a turn before the last one (the item stays pending for the next
+    turn); False when the turn already had one (a redelivered aggregator)."""
+    params = {"item_id": item_id, "now": utcnow()} | _output_params(output, turn, pool_size)
+    return bool(db.rows(_output_insert(db.dialect.name), params))
 
 
 _FINISH_VALUES = {
@@ -261,9 +312,11 @@ def finish_item(
     truncation: list[dict[str, Any]] | None = None,
     output: GenerationRecord | None = None,
     pool_size: int = 0,
+    turn: int = 0,
 ) -> bool:
     """Move a pending item to its final status and count it on the job, once. With `output` (the
-    aggregated answer, made from `pool_size` candidates) the output is stored first, once.
+    aggregated answer to the item's last `turn`, made from `pool_size` candidates) the output is
+    stored first, once.
 
     Returns False when nothing changed: the item was not pending, or already had an output (a
     redelivered aggregator).
@@ -271,8 +324,7 @@ def finish_item(
     params: dict[str, Any] = {"item_id": item_id, "new_status": str(status), "now": utcnow()}
     params |= {"new_error": error, "new_truncation": truncation}
     if output is not None:
-        assert output.text is not None
-        params |= {field: getattr(output, field) for field in _OUTPUT_FIELDS} | {"pool_size": pool_size}
+        params |= _output_params(output, turn, pool_size)
     if db.dialect.name == "postgresql":
         return bool(db.rows(_FINISH[status, output is not None], params))
     if output is not None and not db.rows(_output_insert(db.dialect.name), params):

@@ -48,6 +48,8 @@ def insert_job(
                 "instruction": item.instruction,
                 "system": item.system,
                 "messages": item.messages,
+                "turns": item.turns,
+                "last_turn": len(item.turns) - 1 if item.turns else 0,
                 "status": ItemStatus.PENDING,
             }
             for position, item in enumerate(items)

@@ -1,7 +1,8 @@
 """Job dispatch: each item becomes a canvas of per-layer proposer chords ending in its aggregator.
 
-Tasks carry ids only (item, layer, slot). The canvas names stage tasks by their registered names, so
-this module does not import `workers`.
+A multi-turn item runs one such canvas per user turn: the aggregator of a turn sends the next turn's
+canvas once it has stored its answer (`next_turn`). Tasks carry ids only (item, layer, slot, turn).
+The canvas names stage tasks by their registered names, so this module does not import `workers`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,16 @@ from orchestrator.routing import aggregator_queue, proposer_queue
 from orchestrator.settings import get_settings
 from orchestrator.stage_info import StageInfo
 
-__all__ = ["aggregator_signature", "dispatch", "item_canvas", "layer_done"]
+__all__ = [
+    "aggregator_signature",
+    "dispatch",
+    "item_canvas",
+    "layer_done",
+    "layer_done_signature",
+    "next_turn",
+    "turn_info",
+    "turn_label",
+]
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +48,30 @@ log = logging.getLogger(__name__)
 DISPATCH_BATCH = 200
 
 
+def turn_info(
+    job_id: str,
+    item_id: int,
+    turn: int,
+    *,
+    layer: int | None = None,
+    slot: int | None = None,
+    model: str | None = None,
+) -> StageInfo:
+    """A stage's readable information; the turn is shown only past the first."""
+    return StageInfo(job_id, item_id, layer, slot, model, turn or None)
+
+
 def item_canvas(
-    item_id: int, recipe: Recipe, layer: int = 0, slots: Sequence[int] | None = None, *, job_id: str
+    item_id: int,
+    recipe: Recipe,
+    layer: int = 0,
+    slots: Sequence[int] | None = None,
+    *,
+    job_id: str,
+    turn: int = 0,
 ) -> Signature:
-    """chord(proposers of `layer`, body): the body is the aggregator after the last layer, else
-    `layer_done`, which checks the pool and sends the next layer's chord.
+    """chord(proposers of `layer` of `turn`, body): the body is the aggregator after the last layer,
+    else `layer_done`, which checks the pool and sends the next layer's chord.
 
     Every signature is immutable: bodies ignore the header results and read the pool from the
     database. Layers are linked by `layer_done` sending the next chord, not by chaining or nesting
@@ -53,34 +82,39 @@ def item_canvas(
     header = group(
         app.signature(
             TASK_PROPOSER,
-            args=(item_id, layer, slot),
+            args=(item_id, layer, slot, turn),
             immutable=True,
             queue=proposer_queue(specs[slot].model),
-            **StageInfo(job_id, item_id, layer, slot, specs[slot].model).options(),
+            **turn_info(job_id, item_id, turn, layer=layer, slot=slot, model=specs[slot].model).options(),
         )
         for slot in chosen
     )
     if layer == len(recipe.layers) - 1:
-        body = aggregator_signature(item_id, recipe, job_id=job_id)
+        body = aggregator_signature(item_id, recipe, job_id=job_id, turn=turn)
     else:
-        body = app.signature(
-            TASK_LAYER_DONE,
-            args=(item_id, layer),
-            immutable=True,
-            **StageInfo(job_id, item_id, layer).options(),
-        )
+        body = layer_done_signature(item_id, layer, job_id=job_id, turn=turn)
     return chord(header, body)
 
 
-def aggregator_signature(item_id: int, recipe: Recipe, *, job_id: str) -> Signature:
-    """The aggregator of one item, on its model's aggregation queue."""
+def layer_done_signature(item_id: int, layer: int, *, job_id: str, turn: int = 0) -> Signature:
+    """The check between two layers of one item's turn."""
+    return app.signature(
+        TASK_LAYER_DONE,
+        args=(item_id, layer, turn),
+        immutable=True,
+        **turn_info(job_id, item_id, turn, layer=layer).options(),
+    )
+
+
+def aggregator_signature(item_id: int, recipe: Recipe, *, job_id: str, turn: int = 0) -> Signature:
+    """The aggregator of one item's turn, on its model's aggregation queue."""
     model = recipe.aggregator.model
     return app.signature(
         TASK_AGGREGATOR,
-        args=(item_id,),
+        args=(item_id, turn),
         immutable=True,
         queue=aggregator_queue(model),
-        **StageInfo(job_id, item_id, model=model).options(),
+        **turn_info(job_id, item_id, turn, model=model).options(),
     )
 
 
@@ -110,6 +144,16 @@ def dispatch(job_id: str) -> int:
     return len(item_ids)
 
 
+def turn_label(turn: int, last_turn: int) -> str:
+    """`turn 2 of 3: ` before a multi-turn item's stage failure; nothing for a one-turn item."""
+    return f"turn {turn + 1} of {last_turn + 1}: " if last_turn else ""
+
+
+def next_turn(item_id: int, recipe: Recipe, *, job_id: str, turn: int) -> None:
+    """Send the canvas of the turn after `turn` (its aggregator has stored its answer)."""
+    item_canvas(item_id, recipe, job_id=job_id, turn=turn + 1).apply_async(add_to_parent=False)
+
+
 def _cancelled(url: str, job_id: str) -> bool:
     with session_scope(url) as session:
         job = get_job(session, job_id)
@@ -117,14 +161,14 @@ def _cancelled(url: str, job_id: str) -> bool:
 
 
 @app.task(name=TASK_LAYER_DONE, acks_late=True, ignore_result=True, **DATABASE_RETRY)
-def layer_done(item_id: int, layer: int) -> bool:
+def layer_done(item_id: int, layer: int, turn: int = 0) -> bool:
     """Between layers: send the next layer's chord, or fail the item if this pool is below `min_pool`.
 
     A redelivered call may send the next chord twice; its stages find their rows and return early.
     """
     url = get_settings().database_url
     with statement_scope(url) as db:
-        item = stages.read_pools(db, item_id, from_layer=layer)
+        item = stages.read_pools(db, item_id, from_layer=layer, turn=turn)
         if item is None or not item.runnable:
             return False
         recipe = job_recipe(db, item.job_id)
@@ -142,12 +186,13 @@ def layer_done(item_id: int, layer: int) -> bool:
             )
             return False
         if len(survivors) >= recipe.min_pool:
-            item_canvas(item_id, recipe, layer + 1, job_id=item.job_id).apply_async()
+            item_canvas(item_id, recipe, layer + 1, job_id=item.job_id, turn=turn).apply_async()
             stages.mark_item_dispatched(db, item_id)
             return True
         failures = "; ".join(f"slot {c.slot}: {c.error}" for c in pool if not c.ok)
         reason = (
-            f"layer {layer} pool has {len(survivors)} of {len(recipe.slots(layer))} candidates, "
+            turn_label(turn, item.last_turn)
+            + f"layer {layer} pool has {len(survivors)} of {len(recipe.slots(layer))} candidates, "
             f"fewer than min_pool={recipe.min_pool}" + (f"; {failures}" if failures else "")
         )
         stages.finish_item(db, item_id, ItemStatus.FAILED, error=reason)

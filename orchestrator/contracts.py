@@ -25,8 +25,10 @@ class ChatMessage(BaseModel):
 
 
 class InputRecord(BaseModel):
-    """One prompt of a job: an `instruction` (with an optional `system`), or a conversation in OpenAI's
-    `messages` format ending with a user turn, whose last user turn is then the instruction. AlpacaEval
+    """One prompt of a job: an `instruction` (with an optional `system`), a conversation in OpenAI's
+    `messages` format ending with a user turn, whose last user turn is then the instruction, or the
+    user `turns` of a multi-turn record (MT-Bench), answered one after the other, whose last turn is
+    then the instruction (an item's instruction is always the turn its output answers). AlpacaEval
     files carry more keys (output, generator): they are ignored."""
 
     model_config = ConfigDict(extra="ignore")
@@ -36,12 +38,18 @@ class InputRecord(BaseModel):
     dataset: str | None = Field(default=None, max_length=200)
     system: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    turns: list[str] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="before")
     @classmethod
     def _instruction_of_a_conversation(cls, data: object) -> object:
-        # A conversation names its instruction (the last turn) and system (a leading system turn).
-        if not isinstance(data, dict) or not isinstance(data.get("messages"), list) or "instruction" in data:
+        # Multi-turn records and conversations name their instruction by their last user turn;
+        # conversations their system prompt by a leading system turn.
+        if not isinstance(data, dict) or "instruction" in data:
+            return data
+        if isinstance(data.get("turns"), list) and data["turns"] and "messages" not in data:
+            return data | {"instruction": data["turns"][-1]}
+        if not isinstance(data.get("messages"), list):
             return data
         turns = [m for m in data["messages"] if isinstance(m, dict)]
         derived = dict(data)
@@ -55,6 +63,12 @@ class InputRecord(BaseModel):
 
     @model_validator(mode="after")
     def _a_conversation_ends_with_its_instruction(self) -> InputRecord:
+        if self.turns is not None:
+            if self.messages is not None:
+                raise ValueError("turns: give either turns (a multi-turn record) or messages, not both")
+            if self.turns[-1] != self.instruction:
+                raise ValueError("turns: the instruction must be the last turn (give one of the two)")
+            return self
         if self.messages is None:
             return self
         if self.messages[-1].role != "user":
@@ -82,6 +96,16 @@ class InputRecord(BaseModel):
     def _instruction_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("turns")
+    @classmethod
+    def _turns_are_text(cls, value: list[str] | None) -> list[str] | None:
+        for index, turn in enumerate(value or []):
+            if not turn.strip():
+                raise ValueError(f"turn {index + 1} is empty")
+            if "\x00" in turn:
+                raise ValueError(f"turn {index + 1} contains a NUL character")
         return value
 
     @field_validator("instruction", "id", "dataset", "system")

@@ -22,8 +22,10 @@ __all__ = [
     "RejectedRule",
     "Rows",
     "alpaca_eval_lines",
+    "conversation",
     "item_id",
     "jsonl_lines",
+    "mt_bench_lines",
     "pool_records",
     "pools_lines",
     "preference_lines",
@@ -111,12 +113,28 @@ def _answer(item: Item, output: Output, generator: str) -> dict[str, Any]:
     }
 
 
+def conversation(item: Item) -> list[dict[str, str]] | None:
+    """The conversation the item's output answers, in OpenAI's `messages` format: a chat record's
+    messages, or a multi-turn item's turns with the answers to every turn but the last (the system
+    prompt first, if any); None for a one-turn prompt. Needs the item's outputs loaded."""
+    if item.turns is None:
+        return item.messages
+    answers = {output.turn: output.text for output in item.outputs}
+    messages = [{"role": "system", "content": item.system}] if item.system is not None else []
+    for turn, text in enumerate(item.turns):
+        messages.append({"role": "user", "content": text})
+        if turn < item.last_turn and turn in answers:
+            messages.append({"role": "assistant", "content": answers[turn]})
+    return messages
+
+
 def _prompt(item: Item) -> dict[str, Any]:
     """The fields of an example's prompt: `system` and the conversation (`messages`) only where the
     item has them."""
     record = {"id": item_id(item), "instruction": item.instruction}
     record |= {"system": item.system} if item.system is not None else {}
-    return record | ({"messages": item.messages} if item.messages is not None else {})
+    messages = conversation(item)
+    return record | ({"messages": messages} if messages is not None else {})
 
 
 def jsonl_lines(rows: Rows, context: ExportContext) -> Iterator[str]:
@@ -138,23 +156,47 @@ def alpaca_eval_lines(rows: Rows, context: ExportContext) -> Iterator[str]:
 
 def pool_records(item: Item) -> list[dict[str, Any]]:
     return [
-        {"layer": c.layer, "slot": c.slot, "model": c.model, "text": c.text, "error": c.error}
+        {"turn": c.turn, "layer": c.layer, "slot": c.slot, "model": c.model, "text": c.text, "error": c.error}
         for c in item.candidates
     ]
 
 
 def pools_lines(rows: Rows, context: ExportContext) -> Iterator[str]:
-    """Every finished item with its whole candidate pool (per layer and slot), its status and output."""
+    """Every finished item with its whole candidate pool (per turn, layer and slot), its status and
+    output (and, for a multi-turn item, its turns and every turn's output)."""
     for item, output in rows:
+        messages = conversation(item)
         record = {
             "id": item_id(item),
             "instruction": item.instruction,
-            **({"messages": item.messages} if item.messages is not None else {}),
+            **({"messages": messages} if messages is not None else {}),
+            **({"turns": item.turns, "outputs": _turn_answers(item)} if item.turns is not None else {}),
             "status": item.status,
             "error": item.error,
             "candidates": pool_records(item),
             "output": output.text if output else None,
             "truncation": item.truncation,
+        }
+        yield _dump(record)
+
+
+def _turn_answers(item: Item) -> list[str]:
+    return [output.text for output in item.outputs]
+
+
+def mt_bench_lines(rows: Rows, context: ExportContext) -> Iterator[str]:
+    """FastChat's MT-Bench answer file: one answer a line, every turn's output in `choices[0].turns`,
+    per item with an output. A numeric id is written as a number, as MT-Bench's question ids are."""
+    for item, output in rows:
+        if output is None:
+            continue
+        question = item_id(item)
+        record = {
+            "question_id": int(question) if question.isdigit() else question,
+            "answer_id": f"{context.metadata.job_id}-{item.position}",
+            "model_id": context.metadata.generator,
+            "choices": [{"index": 0, "turns": _turn_answers(item)}],
+            "tstamp": output.created_at.timestamp(),
         }
         yield _dump(record)
 
@@ -171,7 +213,7 @@ def preference_lines(rows: Rows, context: ExportContext) -> Iterator[str]:
     for item, output in rows:
         if output is None:
             continue
-        pool = [c for c in item.candidates if c.layer == context.final_layer]
+        pool = [c for c in item.candidates if c.turn == item.last_turn and c.layer == context.final_layer]
         rejected = context.rejected.choose(item.id, pool, output.text)
         if rejected is None:
             continue

@@ -36,8 +36,10 @@ from orchestrator.export_writers import (
     RejectedRule,
     Rows,
     alpaca_eval_lines,
+    conversation,
     item_id,
     jsonl_lines,
+    mt_bench_lines,
     pool_records,
     pools_lines,
     preference_lines,
@@ -75,6 +77,7 @@ class ExportFormat(enum.StrEnum):
     SFT = "sft"  # one object a line: id, instruction, system (if any), the aggregated output
     PREFERENCE = "preference"  # one object a line: the output as chosen, a final-layer candidate rejected
     PARQUET = "parquet"  # one row per item with an output: the SFT fields, dataset, status and the pool
+    MT_BENCH = "mt_bench"  # FastChat's MT-Bench answers: question_id, model_id, every turn's output
 
 
 class ModelRecord(BaseModel):
@@ -130,6 +133,7 @@ def _model_id(spec: Any) -> str | None:
 
 _CANDIDATE = pa.struct(
     [
+        ("turn", pa.int32()),
         ("layer", pa.int32()),
         ("slot", pa.int32()),
         ("model", pa.string()),
@@ -193,7 +197,7 @@ def parquet_chunks(rows: Rows, context: ExportContext) -> Iterator[bytes]:
                 "id": item_id(item),
                 "instruction": item.instruction,
                 "system": item.system,
-                "messages": item.messages,
+                "messages": conversation(item),
                 "dataset": item.dataset,
                 "output": output.text,
                 "status": item.status,
@@ -234,6 +238,7 @@ _FORMATS: dict[ExportFormat, _Format] = {
     ExportFormat.POOLS: _Format(_text(pools_lines), NDJSON, "jsonl", with_pools=True),
     ExportFormat.SFT: _Format(_text(sft_lines), NDJSON, "jsonl"),
     ExportFormat.PREFERENCE: _Format(_text(preference_lines), NDJSON, "jsonl", with_pools=True),
+    ExportFormat.MT_BENCH: _Format(_text(mt_bench_lines), NDJSON, "jsonl"),
     ExportFormat.PARQUET: _Format(
         parquet_chunks, "application/vnd.apache.parquet", "parquet", with_pools=True
     ),

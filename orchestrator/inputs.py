@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 # The fields of a record a column can be mapped to (`InputRecord`'s).
-FIELDS = ("instruction", "id", "dataset", "system", "messages")
+FIELDS = ("instruction", "id", "dataset", "system", "messages", "turns")
 PARQUET_MAGIC = b"PAR1"
 
 
@@ -116,7 +116,9 @@ class FieldMap:
                     continue
                 if target in self.sources:
                     raise InputError(f"{source}: no column {column!r} (mapped to {target}); columns: {have}")
-                if target == "instruction" and self.source("messages") not in names:
+                if target == "instruction" and not {self.source("messages"), self.source("turns")} & set(
+                    names
+                ):
                     raise InputError(
                         f"{source}: no column 'instruction' (columns: {have}); "
                         "map one with --field instruction=COLUMN (API: fields)"

@@ -24,7 +24,7 @@ from db.models import Job, JobStatus, utcnow
 from db.progress import get_job
 from db.rows import StalledItem
 from db.session import session_scope
-from orchestrator.canvas import aggregator_signature, item_canvas
+from orchestrator.canvas import aggregator_signature, item_canvas, layer_done_signature
 from orchestrator.celery_app import (
     TASK_AGGREGATOR,
     TASK_JUDGE,
@@ -37,7 +37,6 @@ from orchestrator.contracts import RetryResult, RetryStage
 from orchestrator.errors import JobNotFound, NotRetryable
 from orchestrator.recipes import Recipe
 from orchestrator.settings import get_settings
-from orchestrator.stage_info import StageInfo
 
 log = logging.getLogger(__name__)
 
@@ -68,36 +67,43 @@ def retry_job(
         if unknown:
             raise NotRetryable(f"items {unknown} are not items of job {job_id}")
     plan = recovery.failed_stage_items(session, job_id, item_ids)
-    canvas = plan.canvas if stage != RetryStage.AGGREGATOR else []
-    aggregator = plan.aggregator_only if stage != RetryStage.PROPOSERS else []
-    reopened = recovery.reopen_items(session, job_id, canvas, drop_outputs=True)
-    reopened += recovery.reopen_items(session, job_id, aggregator, drop_outputs=False)
+    canvas = plan.canvas if stage != RetryStage.AGGREGATOR else {}
+    aggregator = plan.aggregator_only if stage != RetryStage.PROPOSERS else {}
+    reopened = recovery.reopen_items(session, job_id, canvas | aggregator)
     recovery.mark_items_dispatched(session, [*canvas, *aggregator])
     recipe = Recipe.model_validate(job.recipe)
     session.commit()
-    for item_id in canvas:
-        item_canvas(item_id, recipe, job_id=job_id).apply_async()
-    for item_id in aggregator:
-        aggregator_signature(item_id, recipe, job_id=job_id).apply_async()
+    for item_id, turn in canvas.items():
+        item_canvas(item_id, recipe, job_id=job_id, turn=turn).apply_async()
+    for item_id, turn in aggregator.items():
+        aggregator_signature(item_id, recipe, job_id=job_id, turn=turn).apply_async()
     return RetryResult(
-        job_id=job_id, items_reopened=reopened, proposer_items=canvas, aggregator_items=aggregator
+        job_id=job_id,
+        items_reopened=reopened,
+        proposer_items=list(canvas),
+        aggregator_items=list(aggregator),
     )
 
 
-# What a stage task is, for matching the database against the broker: (task name, item, layer, slot).
-StageKey = tuple[str, int, int, int]
+# What a stage task is, for matching the database against the broker:
+# (task name, item, turn, layer, slot), -1 where the task has no such argument.
+StageKey = tuple[str, int, int, int, int]
+# How many arguments each stage task takes: with its turn, and as sent before items had turns.
+_ARITY = {TASK_JUDGE: (1, 1), TASK_PROPOSER: (4, 3), TASK_LAYER_DONE: (3, 2), TASK_AGGREGATOR: (2, 1)}
 
 
 def _stage_key(name: str, args: Sequence[Any]) -> StageKey | None:
-    if name == TASK_JUDGE and len(args) == 1:
-        return (name, int(args[0]), -1, -1)
-    if name == TASK_PROPOSER and len(args) == 3:
-        return (name, int(args[0]), int(args[1]), int(args[2]))
-    if name == TASK_LAYER_DONE and len(args) == 2:
-        return (name, int(args[0]), int(args[1]), -1)
-    if name == TASK_AGGREGATOR and len(args) == 1:
-        return (name, int(args[0]), -1, -1)
-    return None
+    if name not in _ARITY or len(args) not in _ARITY[name]:
+        return None
+    numbers = [int(arg) for arg in args]
+    turn = numbers[-1] if name != TASK_JUDGE and len(args) == _ARITY[name][0] else 0
+    if name == TASK_JUDGE:
+        return (name, numbers[0], -1, -1, -1)
+    if name == TASK_AGGREGATOR:
+        return (name, numbers[0], turn, -1, -1)
+    if name == TASK_LAYER_DONE:
+        return (name, numbers[0], turn, numbers[1], -1)
+    return (name, numbers[0], turn, numbers[1], numbers[2])
 
 
 def _queued_stages(redis_url: str, queues: Sequence[str]) -> set[StageKey]:
@@ -144,16 +150,19 @@ class SweepResult(BaseModel):
 
 
 def _next_stage(item: StalledItem, recipe: Recipe) -> list[StageKey]:
-    """The stage tasks an item waits for, from its candidate rows: missing slots, or the body."""
+    """The stage tasks an item waits for, from its rows: at the first turn without an output, the
+    missing slots, or the body."""
     last = len(recipe.layers) - 1
+    turn = item.turn
+    rows = {(layer, slot) for row_turn, layer, slot in item.rows if row_turn == turn}
     for layer in range(last + 1):
-        missing = [s.slot for s in recipe.slots(layer) if (layer, s.slot) not in item.rows]
+        missing = [s.slot for s in recipe.slots(layer) if (layer, s.slot) not in rows]
         if missing:
-            return [(TASK_PROPOSER, item.item_id, layer, slot) for slot in missing]
-        next_layer_started = any(row_layer == layer + 1 for row_layer, _ in item.rows)
+            return [(TASK_PROPOSER, item.item_id, turn, layer, slot) for slot in missing]
+        next_layer_started = any(row_layer == layer + 1 for row_layer, _ in rows)
         if layer < last and not next_layer_started:
-            return [(TASK_LAYER_DONE, item.item_id, layer, -1)]
-    return [(TASK_AGGREGATOR, item.item_id, -1, -1)]
+            return [(TASK_LAYER_DONE, item.item_id, turn, layer, -1)]
+    return [(TASK_AGGREGATOR, item.item_id, turn, -1, -1)]
 
 
 def sweep(database_url: str, *, grace_s: float | None = None) -> SweepResult:
@@ -187,20 +196,19 @@ def sweep(database_url: str, *, grace_s: float | None = None) -> SweepResult:
         if all(stage in in_flight for stage in due):
             result.skipped_in_flight += 1
             continue
-        name, item_id, layer, _ = due[0]
+        name, item_id, turn, layer, _ = due[0]
         if name == TASK_PROPOSER:
             # Every missing slot goes into the new chord, even one still queued: the body must not
             # fire before all of them are stored. A duplicate finds its row and returns.
-            canvas = item_canvas(item_id, recipe, layer, [slot for *_, slot in due], job_id=item.job_id)
+            slots = [slot for *_, slot in due]
+            canvas = item_canvas(item_id, recipe, layer, slots, job_id=item.job_id, turn=turn)
             canvas.apply_async(add_to_parent=False)  # as in dispatch: no trail of a sweep's chords
             result.proposer_chords += 1
         elif name == TASK_LAYER_DONE:
-            app.send_task(
-                TASK_LAYER_DONE, args=(item_id, layer), **StageInfo(item.job_id, item_id, layer).options()
-            )
+            layer_done_signature(item_id, layer, job_id=item.job_id, turn=turn).apply_async()
             result.layer_checks += 1
         else:
-            aggregator_signature(item_id, recipe, job_id=item.job_id).apply_async()
+            aggregator_signature(item_id, recipe, job_id=item.job_id, turn=turn).apply_async()
             result.aggregators += 1
         sent.append(item_id)
     with session_scope(database_url) as session:
@@ -213,7 +221,7 @@ def sweep(database_url: str, *, grace_s: float | None = None) -> SweepResult:
 
 def _resend_judgments(database_url: str, judgments: list[int], in_flight: set[StageKey]) -> int:
     """Send again the judge tasks of pending judgments that are neither queued nor running."""
-    lost = [j for j in judgments if (TASK_JUDGE, j, -1, -1) not in in_flight]
+    lost = [j for j in judgments if (TASK_JUDGE, j, -1, -1, -1) not in in_flight]
     for judgment_id in lost:
         app.send_task(TASK_JUDGE, args=(judgment_id,))
     with session_scope(database_url) as session:

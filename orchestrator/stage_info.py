@@ -23,13 +23,15 @@ HEADER = "slimmoa_stage"
 
 @dataclass(frozen=True)
 class StageInfo:
-    """The job, item and (where the stage has them) layer, slot and model of one stage task."""
+    """The job, item and (where the stage has them) layer, slot, model and turn of one stage task."""
 
     job: str
     item: int
     layer: int | None = None
     slot: int | None = None
     model: str | None = None
+    # Set for the turns after the first of a multi-turn item.
+    turn: int | None = None
 
     def fields(self) -> dict[str, str | int]:
         return {key: value for key, value in asdict(self).items() if value is not None}
@@ -54,6 +56,7 @@ class StageInfo:
                 layer=_optional_int(fields.get("layer")),
                 slot=_optional_int(fields.get("slot")),
                 model=fields.get("model") if isinstance(fields.get("model"), str) else None,
+                turn=_optional_int(fields.get("turn")),
             )
         except (KeyError, TypeError, ValueError):
             return None

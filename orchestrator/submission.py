@@ -71,6 +71,7 @@ def store_job(session: Session, job: Submission, idempotency_key: str | None = N
             dataset=r.dataset,
             system=r.system,
             messages=[m.model_dump() for m in r.messages] if r.messages else None,
+            turns=r.turns,
         )
         for r in job.records
     ]

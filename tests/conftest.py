@@ -29,10 +29,11 @@ from db.session import session_scope
 from orchestrator.celery_app import app as celery_app
 from orchestrator.celery_app import configure
 from orchestrator.contracts import InputRecord
-from orchestrator.embedded import free_port
+from orchestrator.embedded import free_port, private_redis
 from orchestrator.recipes import Recipe, parse_recipe
 from orchestrator.settings import PROJECT_ROOT, get_settings
 from orchestrator.submission import Submission, enqueue_job, store_job
+from tests.killable import Worker, point_app_at
 
 SAMPLE = PROJECT_ROOT / "examples" / "alpaca_eval_sample.jsonl"
 # Models the session worker fails on purpose (fault injection is a worker setting, never a recipe field).
@@ -252,3 +253,27 @@ def api_url(
 def api(api_url: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=api_url, timeout=120) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def private_broker(database_url: str, services: dict[str, str]) -> Iterator[dict[str, str]]:
+    """A private Redis for this module; the app points back at the shared one afterwards."""
+    with private_redis() as url:
+        env = {**services, "REDIS_URL": url, "DATABASE_URL": database_url}
+        point_app_at(env)
+        yield env
+    point_app_at(services)
+
+
+@pytest.fixture
+def worker_factory(private_broker: dict[str, str], tmp_path: Path) -> Iterator[Any]:
+    workers: list[Worker] = []
+
+    def make(env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Worker:
+        worker = Worker({**private_broker, **(env or {})}, tmp_path / f"worker{len(workers)}.log", args)
+        workers.append(worker)
+        return worker
+
+    yield make
+    for worker in workers:
+        worker.stop()

@@ -7,12 +7,9 @@ processes, killed with SIGKILL.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -29,15 +26,12 @@ from db import progress, results
 from db.migrate import upgrade
 from db.models import FINAL_JOB_STATUSES
 from db.session import session_scope
-from orchestrator.celery_app import app as celery_app
-from orchestrator.celery_app import configure
 from orchestrator.contracts import RetryStage
-from orchestrator.embedded import private_redis
 from orchestrator.errors import NotRetryable
 from orchestrator.recovery import retry_job, sweep
-from orchestrator.settings import get_settings
 from orchestrator.submission import enqueue_job
 from tests.conftest import recipe_from_yaml, sample_records, store
+from tests.killable import fault_env, finish_with_sweeps, job_state
 
 RECIPE = """
 name: reliability
@@ -60,90 +54,6 @@ def recipe(latency_ms: int) -> Any:
     return recipe_from_yaml(RECIPE.replace("LATENCY", str(latency_ms)))
 
 
-def point_app_at(env: dict[str, str]) -> None:
-    """Send this process's tasks to other services: new settings, fresh broker and backend pools."""
-    os.environ.update(env)
-    get_settings.cache_clear()
-    configure(celery_app, get_settings())
-    celery_app._pool = None
-    celery_app.amqp._producer_pool = None
-    celery_app._local = threading.local()
-
-
-class Worker:
-    """A real `slimmoa worker` process that a test can kill and start again."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()) -> None:
-        self.env = env
-        self.args = args
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, **extra_env: str) -> None:
-        command = [sys.executable, "-m", "orchestrator.cli", "worker", "--concurrency", "8", *self.args]
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                command, env={**os.environ, **self.env, **extra_env}, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + 60
-        while not celery_app.control.ping(timeout=1.0):
-            assert self.process.poll() is None, self.log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "worker did not answer a ping in 60 s"
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-        # The broker still lists the dead worker for a moment; inspect must not count on it.
-        time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-
-@pytest.fixture(scope="module")
-def private_broker(database_url: str, services: dict[str, str]) -> Iterator[dict[str, str]]:
-    """A private Redis for this module; the app points back at the shared one afterwards."""
-    with private_redis() as url:
-        env = {**services, "REDIS_URL": url, "DATABASE_URL": database_url}
-        point_app_at(env)
-        yield env
-    point_app_at(services)
-
-
-@pytest.fixture
-def worker_factory(private_broker: dict[str, str], tmp_path: Path) -> Iterator[Any]:
-    workers: list[Worker] = []
-
-    def make(env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Worker:
-        worker = Worker({**private_broker, **(env or {})}, tmp_path / f"worker{len(workers)}.log", args)
-        workers.append(worker)
-        return worker
-
-    yield make
-    for worker in workers:
-        worker.stop()
-
-
-def fault_env(faults: dict[str, dict[str, float]], retries: int) -> dict[str, str]:
-    """Worker environment with injected engine faults and quick retries."""
-    return {
-        "SLIMMOA_FAULTS": json.dumps(faults),
-        "STAGE_MAX_RETRIES": str(retries),
-        "STAGE_RETRY_BACKOFF_S": "0.02",
-    }
-
-
-def job_state(database_url: str, job_id: str) -> Any:
-    with session_scope(database_url) as session:
-        return progress.get_job(session, job_id)
-
-
 def done_items(database_url: str, job_id: str) -> int:
     job = job_state(database_url, job_id)
     return int(job.items_done)
@@ -154,23 +64,6 @@ def wait_until(condition: Any, timeout: float, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
-
-
-def finish_with_sweeps(database_url: str, job_id: str, timeout: float = 180.0) -> tuple[Any, int]:
-    """Run the recovery sweep until the job ends (what beat does in production); returns the job and
-    how many stages the sweeps re-sent."""
-    deadline = time.monotonic() + timeout
-    resent = 0
-    while True:
-        job = job_state(database_url, job_id)
-        if job.status in FINAL_JOB_STATUSES:
-            return job, resent
-        assert time.monotonic() < deadline, (
-            f"job {job_id} still {job.status} ({job.items_done}/{job.total_items})"
-        )
-        result = sweep(database_url, grace_s=1.0)
-        resent += result.proposer_chords + result.layer_checks + result.aggregators
-        time.sleep(1.0)
 
 
 def assert_complete_and_unique(database_url: str, job_id: str, items: int, slots: int = 3) -> None:

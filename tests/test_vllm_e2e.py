@@ -9,6 +9,7 @@ import yaml
 
 from db import results
 from db.session import session_scope
+from orchestrator.contracts import InputRecord
 from orchestrator.recipes import parse_recipe
 from orchestrator.settings import PROJECT_ROOT
 from tests.conftest import sample_records, submit, wait_for_job
@@ -23,13 +24,24 @@ def test_embedded_recipe_on_vllm(database_url: str, worker: subprocess.Popen[byt
         proposer["sampling"]["max_tokens"] = 24
     data["aggregator"]["sampling"]["max_tokens"] = 32
     recipe = parse_recipe(data)
-    records = sample_records(3)
+    # Three one-turn prompts and one two-turn question (MT-Bench's shape).
+    turns = ["Name one primary color.", "Now name a second one, different from your first answer."]
+    records = [*sample_records(3), InputRecord(id="mt", instruction=turns[-1], turns=turns)]
     job_id = submit(database_url, recipe, records)
     job = wait_for_job(database_url, job_id, timeout=600)
-    assert (job.status, job.items_succeeded) == ("succeeded", 3)
+    assert (job.status, job.items_succeeded) == ("succeeded", 4)
 
     with session_scope(database_url) as session:
-        for item, output in results.job_outputs(session, job_id):
+        rows = list(results.job_outputs(session, job_id))
+        item, output = rows.pop()
+        first, second = item.outputs
+        assert (first.turn, second.turn, output) == (0, 1, second) and first.text.strip()
+        by_turn = [[c for c in item.candidates if c.turn == turn] for turn in (0, 1)]
+        assert [len(pool) for pool in by_turn] == [3, 3] and all(c.ok for c in item.candidates)
+        # The second turn's prompt holds the first turn and its aggregated answer before the question.
+        for earlier, later in zip(*by_turn, strict=True):
+            assert (later.prompt_tokens or 0) > (earlier.prompt_tokens or 0) + (first.output_tokens or 0)
+        for item, output in rows:
             candidates = item.candidates
             assert [(c.layer, c.slot, c.model) for c in candidates] == [(0, s, "smollm2") for s in range(3)]
             texts = [c.text or "" for c in candidates]

@@ -4,6 +4,10 @@ Both take ids, re-read their rows and return early when their work is already st
 redelivered or duplicated task changes nothing. The aggregator reads the pool from the database,
 not from the chord's result list: the database is the system of record.
 
+A multi-turn item runs these per user turn: a turn's stages see the conversation so far (the earlier
+turns with their aggregated answers), and the aggregator of a turn before the last stores its answer
+and sends the next turn's canvas instead of finishing the item.
+
 Every attempt ends as exactly one of: a generation (recorded), a transient failure (retried, the
 attempt counted on the row), a permanent failure (recorded at once) — see `workers.stage_runner`.
 """
@@ -21,6 +25,7 @@ from db import stages
 from db.models import ItemStatus, utcnow
 from db.rows import GenerationRecord
 from db.session import statement_scope
+from orchestrator.canvas import next_turn, turn_label
 from orchestrator.celery_app import TASK_AGGREGATOR, TASK_PROPOSER, app
 from orchestrator.contracts import ChatMessage
 from orchestrator.job_recipes import job_recipe
@@ -63,9 +68,17 @@ class _Stage:
     started_at: datetime | None = None
 
     @classmethod
-    def of(cls, item: stages.StageRead, references: list[str]) -> _Stage:
-        turns = [ChatMessage.model_validate(m) for m in (item.messages or [])[:-1]]
-        history = [turn for turn in turns if turn.role != "system"]
+    def of(cls, item: stages.StageRead, references: list[str], turn: int = 0) -> _Stage:
+        if item.turns is not None:
+            answers = {answer.turn: answer.text for answer in item.answers}
+            history = [
+                ChatMessage(role=role, content=text)
+                for earlier in range(turn)
+                for role, text in (("user", item.turns[earlier]), ("assistant", answers[earlier]))
+            ]
+            return cls(item.job_id, item.turns[turn], item.system, references, history)
+        messages = [ChatMessage.model_validate(m) for m in (item.messages or [])[:-1]]
+        history = [message for message in messages if message.role != "system"]
         return cls(item.job_id, item.instruction, item.system, references, history)
 
 
@@ -106,13 +119,14 @@ def _attempt(
 # Results are not stored: nothing reads them (the database is the record), and the Redis result
 # backend counts a chord's header tasks without them.
 @app.task(name=TASK_PROPOSER, bind=True, acks_late=True, ignore_result=True, **STAGE_RETRY)
-def run_proposer(self: Task, item_id: int, layer: int, slot: int) -> int | None:
-    """Generate one slot of one layer and store it; returns the candidate row id (None: item gone)."""
+def run_proposer(self: Task, item_id: int, layer: int, slot: int, turn: int = 0) -> int | None:
+    """Generate one slot of one layer of a turn and store it; returns the candidate row id (None: the
+    item is gone or finished)."""
     url = get_settings().database_url
 
     def read() -> tuple[stages.StageRead | None, Recipe | None]:
         with statement_scope(url) as db:
-            item = stages.read_proposer(db, item_id, layer, slot)
+            item = stages.read_proposer(db, item_id, layer, slot, turn)
             runnable = item is not None and item.runnable
             return item, job_recipe(db, item.job_id) if item is not None and runnable else None
 
@@ -122,17 +136,21 @@ def run_proposer(self: Task, item_id: int, layer: int, slot: int) -> int | None:
     existing = next((c for c in item.pool(layer) if c.slot == slot), None)
     if existing is not None and existing.ok:
         return existing.id
+    if len(item.answers) < turn:
+        # A turn sent before the answers it follows were stored (or since dropped by a retry).
+        log.warning("proposer item=%s turn=%s: earlier turns are not answered", item_id, turn)
+        return None
     references = [c.text for c in item.pool(layer - 1) if c.ok and c.text]
-    stage = _Stage.of(item, references)
+    stage = _Stage.of(item, references, turn)
     spec = recipe.slots(layer)[slot]
-    request_id = f"{item_id}_{layer}_{slot}_{attempts(self)}"
+    request_id = f"{item_id}_{turn}_{layer}_{slot}_{attempts(self)}"
     record = _attempt(self, stage, recipe, spec.model, spec.sampling, layer, request_id)
     if record.error is not None:
         log.warning("proposer item=%s layer=%s slot=%s failed: %s", item_id, layer, slot, record.error)
 
     def write() -> int:
         with statement_scope(url) as db:
-            return stages.record_candidate(db, item_id, layer, slot, record)
+            return stages.record_candidate(db, item_id, layer, slot, record, turn)
 
     candidate_id = ride_out_database(write)
     _STAGE_COUNTS["proposer", "failed" if record.error else "ok"].inc()
@@ -140,44 +158,80 @@ def run_proposer(self: Task, item_id: int, layer: int, slot: int) -> int | None:
 
 
 @app.task(name=TASK_AGGREGATOR, bind=True, acks_late=True, ignore_result=True, **STAGE_RETRY)
-def run_aggregator(self: Task, item_id: int) -> str | None:
-    """Aggregate the last layer's pool into the item's output; returns the item's final status."""
+def run_aggregator(self: Task, item_id: int, turn: int = 0) -> str | None:
+    """Aggregate the last layer's pool of a turn into its answer; returns the item's final status (or,
+    for a turn before the last, the turn's)."""
     url = get_settings().database_url
 
     def read() -> tuple[stages.StageRead | None, Recipe | None]:
         with statement_scope(url) as db:
-            item = stages.read_pools(db, item_id)
+            item = stages.read_pools(db, item_id, turn=turn)
             runnable = item is not None and item.runnable
             return item, job_recipe(db, item.job_id) if item is not None and runnable else None
 
     item, recipe = ride_out_database(read)
-    if item is None or recipe is None:
+    if item is None or recipe is None or item.answered(turn):
         return item.status if item else None
     last = len(recipe.layers) - 1
     pool = item.pool(last)
     expected = len(recipe.slots(last))
-    if len(pool) < expected:
+    if len(pool) < expected or len(item.answers) < turn:
         # Fired before every slot was stored (a lost or duplicated chord message): aggregating
         # now would make a degraded answer from a pool that is still filling. The recovery sweep
         # sends the aggregator again once the pool is complete.
-        log.warning("aggregator item=%s: %s of %s slots stored", item_id, len(pool), expected)
+        log.warning("aggregator item=%s turn=%s: %s of %s slots stored", item_id, turn, len(pool), expected)
         return None
+    where = turn_label(turn, item.last_turn)
     references = [c.text for c in pool if c.ok and c.text]
     failures = "; ".join(f"slot {c.slot}: {c.error}" for c in pool if not c.ok)
     if len(references) < recipe.min_pool:
         reason = f"pool has {len(references)} of {expected} candidates, fewer than min_pool={recipe.min_pool}"
-        return _finish(url, item_id, ItemStatus.FAILED, reason + (f"; {failures}" if failures else ""))
-    stage = _Stage.of(item, references)
+        return _finish(
+            url, item_id, ItemStatus.FAILED, where + reason + (f"; {failures}" if failures else "")
+        )
+    stage = _Stage.of(item, references, turn)
     aggregator = recipe.aggregator
-    request_id = f"{item_id}_agg_{attempts(self)}"
+    request_id = f"{item_id}_{turn}_agg_{attempts(self)}"
     record = _attempt(self, stage, recipe, aggregator.model, aggregator.sampling, last + 1, request_id)
     if record.error is not None:
-        log.warning("aggregator item=%s failed: %s", item_id, record.error)
-        return _finish(url, item_id, ItemStatus.FAILED, f"aggregator {record.error}")
-    degraded = len(references) < expected
-    status = ItemStatus.DEGRADED if degraded else ItemStatus.SUCCEEDED
-    note = f"pool has {len(references)} of {expected} candidates; {failures}" if degraded else None
-    return _finish(url, item_id, status, note, stage, record, len(references))
+        log.warning("aggregator item=%s turn=%s failed: %s", item_id, turn, record.error)
+        return _finish(url, item_id, ItemStatus.FAILED, f"{where}aggregator {record.error}")
+    notes = [
+        f"{turn_label(answer.turn, item.last_turn)}pool had {answer.pool_size} of {expected} candidates"
+        for answer in item.answers
+        if answer.pool_size < expected
+    ]
+    if len(references) < expected:
+        notes.append(f"{where}pool has {len(references)} of {expected} candidates; {failures}")
+    status = ItemStatus.DEGRADED if notes else ItemStatus.SUCCEEDED
+    if turn < item.last_turn:
+        return _answer_turn(url, item, item_id, turn, record, len(references), recipe, status)
+    return _finish(url, item_id, status, "; ".join(notes) or None, stage, record, len(references), turn)
+
+
+def _answer_turn(
+    url: str,
+    item: stages.StageRead,
+    item_id: int,
+    turn: int,
+    output: GenerationRecord,
+    pool_size: int,
+    recipe: Recipe,
+    status: ItemStatus,
+) -> str:
+    """Store a turn's answer (not the last turn's) and send the next turn's canvas, once."""
+
+    def write() -> bool:
+        with statement_scope(url) as db:
+            stored = stages.record_turn_output(db, item_id, turn, output, pool_size)
+            if stored:
+                stages.mark_item_dispatched(db, item_id)
+            return stored
+
+    if ride_out_database(write):
+        next_turn(item_id, recipe, job_id=item.job_id, turn=turn)
+    _STAGE_COUNTS["aggregator", status].inc()
+    return status
 
 
 def _finish(
@@ -188,14 +242,22 @@ def _finish(
     stage: _Stage | None = None,
     output: GenerationRecord | None = None,
     pool_size: int = 0,
+    turn: int = 0,
 ) -> str:
-    """Move the item to its final status (with the aggregated output, if any), once."""
+    """Move the item to its final status (with the aggregated output of its last turn, if any), once."""
     truncation = [stage.truncation] if stage is not None and stage.truncation else None
 
     def write() -> None:
         with statement_scope(url) as db:
             stages.finish_item(
-                db, item_id, status, error=note, truncation=truncation, output=output, pool_size=pool_size
+                db,
+                item_id,
+                status,
+                error=note,
+                truncation=truncation,
+                output=output,
+                pool_size=pool_size,
+                turn=turn,
             )
 
     ride_out_database(write)

@@ -137,6 +137,9 @@ class StagePublic(BaseModel):
     expected: int
     finished: int
     failed: int
+    turn: int | None = Field(
+        default=None, description="The user turn (from 0) of a job with multi-turn items; null otherwise."
+    )
 
 
 class ProgressPublic(BaseModel):
@@ -153,25 +156,33 @@ class ProgressPublic(BaseModel):
     @classmethod
     def of(cls, job: Job, counts: JobCounts, now: datetime | None = None) -> ProgressPublic:
         recipe = Recipe.model_validate(job.recipe)
-        stages = [
-            StagePublic(
-                stage="proposers",
-                layer=layer,
-                expected=job.total_items * len(recipe.slots(layer)),
-                finished=counts.candidates.get(layer, (0, 0))[0],
-                failed=counts.candidates.get(layer, (0, 0))[1],
+        turns = sorted(counts.items_per_turn) or [0]
+        multi_turn = len(turns) > 1
+        stages: list[StagePublic] = []
+        for turn in turns:
+            reaching = counts.items_per_turn.get(turn, job.total_items)
+            stages += [
+                StagePublic(
+                    stage="proposers",
+                    layer=layer,
+                    expected=reaching * len(recipe.slots(layer)),
+                    finished=counts.candidates.get((turn, layer), (0, 0))[0],
+                    failed=counts.candidates.get((turn, layer), (0, 0))[1],
+                    turn=turn if multi_turn else None,
+                )
+                for layer in range(len(recipe.layers))
+            ]
+            # A turn's aggregator failures end the item; they are counted at the item's last turn.
+            stages.append(
+                StagePublic(
+                    stage="aggregator",
+                    layer=None,
+                    expected=reaching,
+                    finished=counts.answers.get(turn, 0) if multi_turn else counts.outputs,
+                    failed=job.items_failed if turn == turns[-1] else 0,
+                    turn=turn if multi_turn else None,
+                )
             )
-            for layer in range(len(recipe.layers))
-        ]
-        stages.append(
-            StagePublic(
-                stage="aggregator",
-                layer=None,
-                expected=job.total_items,
-                finished=counts.outputs,
-                failed=job.items_failed,
-            )
-        )
         rate = eta = None
         if job.started_at is not None and job.items_done:
             end = job.finished_at or now or datetime.now(UTC)
@@ -226,6 +237,9 @@ class ItemPublic(BaseModel):
     dataset: str | None
     instruction: str
     system: str | None
+    turns: list[str] | None = Field(
+        default=None, description="The user turns of a multi-turn item (the instruction is the last)."
+    )
     status: str
     error: str | None
     finished_at: datetime | None
@@ -253,12 +267,14 @@ class CandidatePublic(BaseModel):
 
 class LayerPublic(BaseModel):
     layer: int
+    turn: int = Field(default=0, description="The user turn the layer answers (0 for a one-turn item).")
     candidates: list[CandidatePublic]
 
 
 class OutputPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
+    turn: int = 0
     model: str
     text: str
     pool_size: int
@@ -270,21 +286,26 @@ class OutputPublic(BaseModel):
 
 
 class ItemDetailPublic(ItemPublic):
-    """An item with its whole candidate pool, layer by layer, and its output."""
+    """An item with its whole candidate pool, turn by turn and layer by layer, and its output."""
 
     layers: list[LayerPublic]
     output: OutputPublic | None
+    outputs: list[OutputPublic] = Field(
+        default=[], description="Every turn's aggregated answer of a multi-turn item, in turn order."
+    )
     truncation: list[Any] | None
 
     @classmethod
     def of(cls, item: Item, output: Output | None) -> ItemDetailPublic:
-        layers: dict[int, list[CandidatePublic]] = {}
+        layers: dict[tuple[int, int], list[CandidatePublic]] = {}
         for candidate in item.candidates:
-            layers.setdefault(candidate.layer, []).append(CandidatePublic.model_validate(candidate))
+            key = (candidate.turn, candidate.layer)
+            layers.setdefault(key, []).append(CandidatePublic.model_validate(candidate))
         return cls(
             **ItemPublic.model_validate(item).model_dump(),
-            layers=[LayerPublic(layer=k, candidates=v) for k, v in sorted(layers.items())],
+            layers=[LayerPublic(turn=t, layer=k, candidates=v) for (t, k), v in sorted(layers.items())],
             output=OutputPublic.model_validate(output) if output else None,
+            outputs=[OutputPublic.model_validate(o) for o in item.outputs] if item.turns is not None else [],
             truncation=item.truncation,
         )
 

@@ -132,7 +132,9 @@ def _follow(services: Settings, job_id: str, worker: subprocess.Popen[bytes], lo
             if code is not None:
                 tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
                 raise fail(f"the worker exited with code {code}; last lines of {log_path}:\n{tail}", code=1)
-            watchdog.check((job.items_done, *sorted(counts.candidates.items())))
+            watchdog.check(
+                (job.items_done, *sorted(counts.candidates.items()), *sorted(counts.answers.items()))
+            )
             time.sleep(POLL_INTERVAL_S)
 
 
