@@ -23,7 +23,15 @@ from db.results import job_outputs
 from db.session import session_scope
 from orchestrator.errors import JobNotFound
 
-__all__ = ["Diversity", "ItemDiversity", "PairDiversity", "embed", "job_diversity", "pool_distance"]
+__all__ = [
+    "Diversity",
+    "ItemDiversity",
+    "PairDiversity",
+    "embed",
+    "job_diversity",
+    "pool_distance",
+    "source_diversity",
+]
 
 Embedder = Callable[[Sequence[str]], NDArray[np.float32]]
 # Texts embedded per forward pass: 64 keeps the CPU busy while bounding the activations of one pass.
@@ -93,9 +101,12 @@ class Diversity(BaseModel):
     std: float | None
 
 
+Pool = tuple[int, int, list[tuple[int, str, str]]]
+
+
 def job_diversity(database_url: str, job_id: str, embedder: Embedder = embed) -> Diversity:
     """Diversity of every pool of a job (each item and layer), and per pair of proposer slots."""
-    pools: list[tuple[int, int, list[tuple[int, str, str]]]] = []
+    pools: list[Pool] = []
     with session_scope(database_url) as session:
         if get_job(session, job_id) is None:
             raise JobNotFound(f"job {job_id}: not found")
@@ -105,6 +116,29 @@ def job_diversity(database_url: str, job_id: str, embedder: Embedder = embed) ->
                 if candidate.ok and candidate.text is not None:
                     by_layer[candidate.layer].append((candidate.slot, candidate.model, candidate.text))
             pools.extend((item.id, layer, pool) for layer, pool in sorted(by_layer.items()))
+    return _measure(job_id, pools, embedder)
+
+
+def source_diversity(database_url: str, jobs: dict[str, str], embedder: Embedder = embed) -> Diversity:
+    """Diversity between sources: the first-layer answers of several jobs (`{source: job id}`, each a
+    source's job) on the prompts they share, pooled per prompt; a pair's slots are the sources' order."""
+    by_prompt: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
+    positions: dict[str, int] = {}
+    with session_scope(database_url) as session:
+        for index, (source, job_id) in enumerate(jobs.items()):
+            for item, _ in job_outputs(session, job_id, with_pools=True):
+                first = next(
+                    (c.text for c in item.candidates if c.layer == 0 and c.ok and c.text is not None), None
+                )
+                positions.setdefault(item.instruction, item.id)
+                if first is not None:
+                    by_prompt[item.instruction].append((index, source, first))
+    pools: list[Pool] = [(positions[prompt], 0, pool) for prompt, pool in by_prompt.items()]
+    return _measure(", ".join(jobs.values()), pools, embedder)
+
+
+def _measure(job_id: str, pools: list[Pool], embedder: Embedder) -> Diversity:
+    """Embed every text of the pools once; each pool's mean distance and each slot pair's mean."""
     texts = [text for _, _, pool in pools for _, _, text in pool]
     vectors = embedder(texts) if texts else np.zeros((0, 1), dtype=np.float32)
     items, pair_distances, offset = [], defaultdict(list), 0

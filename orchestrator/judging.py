@@ -33,6 +33,7 @@ __all__ = [
     "JudgeSpec",
     "judge_messages",
     "resolve_judge",
+    "shown_outputs",
     "shows_model_first",
     "verdict_preference",
 ]
@@ -64,6 +65,17 @@ def judge_messages(instruction: str, first: str, second: str, *, system_supporte
     if not system_supported:
         return [ChatMessage(role="user", content=_prompt("system") + "\n\n" + user)]
     return [ChatMessage(role="system", content=_prompt("system")), ChatMessage(role="user", content=user)]
+
+
+def shown_outputs(user_prompt: str) -> tuple[str, str] | None:
+    """The two outputs of a judge's user prompt, in the order shown (the text after each model
+    identifier); None for a prompt that is not the judge's."""
+    first = f'"model_identifier": "{FIRST_TOKEN}"'
+    second = f'"model_identifier": "{SECOND_TOKEN}"'
+    start, middle = user_prompt.find(first), user_prompt.find(second)
+    if start < 0 or middle < start:
+        return None
+    return user_prompt[start + len(first) : middle], user_prompt[middle + len(second) :]
 
 
 def shows_model_first(seed: int, item_id: int) -> bool:

@@ -19,6 +19,7 @@ from orchestrator.errors import RecipeError, validation_message
 __all__ = [
     "EMBEDDED_MODELS",
     "EMBEDDED_PREFIX",
+    "MODEL_NAME",
     "AggregatorSpec",
     "Architecture",
     "LayerSpec",
@@ -112,6 +113,22 @@ class SyntheticModel(_ModelBase):
     engine: Literal["synthetic"]
     latency_ms: float = Field(default=0.0, ge=0)
     output_tokens: int = Field(default=32, gt=0)
+    # Quality known by construction, for tests of recipe choice: an answer that cites its sources,
+    # and a judge that prefers the output naming the better-scored models.
+    cite_sources: bool = Field(
+        default=False, description="After its own name, name the synthetic models whose answers it read."
+    )
+    # Written as a mapping; held as (name, score) pairs so that the spec stays hashable (engines are
+    # keyed by it).
+    judge_scores: tuple[tuple[str, float], ...] | None = Field(
+        default=None,
+        description="As a judge: each model name's score; the output whose names score higher wins.",
+    )
+
+    @field_validator("judge_scores", mode="before")
+    @classmethod
+    def _scores_as_pairs(cls, scores: Any) -> Any:
+        return tuple(scores.items()) if isinstance(scores, dict) else scores
 
 
 ModelSpec = Annotated[VllmModel | OpenAIModel | SyntheticModel, Field(discriminator="engine")]

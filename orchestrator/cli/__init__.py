@@ -5,6 +5,7 @@ worker.py    `worker`: a Celery worker of one role
 service.py   `api`, `flower`, `recover`, `db upgrade`, `plan`, `models prepare`
 jobs.py      `submit`, `status`, `export`, `cancel`, `retry` through the HTTP API (views.py shows them)
 evaluate.py  `eval`, `compare`, `diversity`
+tune.py      `tune`: choose a recipe from a model zoo by solo runs, diversity and candidate recipes
 timeline.py  `timeline`: where a job's time went, from the record
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import typer
 
-from orchestrator.cli import evaluate, jobs, run, service, timeline, worker
+from orchestrator.cli import evaluate, jobs, run, service, timeline, tune, worker
 
 __all__ = ["cli", "main"]
 
@@ -36,6 +37,7 @@ cli.command("eval")(evaluate.evaluate)
 cli.command()(evaluate.compare)
 cli.command()(evaluate.diversity)
 cli.command()(timeline.timeline)
+cli.command()(tune.tune)
 
 
 def main() -> None:

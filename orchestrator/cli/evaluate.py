@@ -17,6 +17,7 @@ from rich.table import Table
 from db import evaluations
 from db.session import session_scope
 from orchestrator.cli.console import POLL_INTERVAL_S, console, fail, fail_on
+from orchestrator.cli.options import JudgeOption, ReferenceOption
 from orchestrator.cli.run import embedded_services
 from orchestrator.embedded import worker_process
 from orchestrator.errors import SlimMoAError
@@ -33,11 +34,20 @@ from orchestrator.recipes import OpenAIModel
 from orchestrator.settings import get_settings
 from orchestrator.watchdog import Watchdog, live_consumers
 
-__all__ = ["compare", "diversity", "evaluate"]
+__all__ = [
+    "compare",
+    "diversity",
+    "evaluate",
+    "judge_job",
+    "judge_option",
+    "judging_services",
+    "percent",
+    "reference_option",
+]
 
 
 @contextmanager
-def _services(log_path: Path) -> Iterator[str]:
+def judging_services(log_path: Path) -> Iterator[str]:
     """The database URL to use, with workers to judge: the configured services (their workers are
     running), or, with no REDIS_URL, a private Redis and a local worker for this command only."""
     settings = get_settings()
@@ -50,7 +60,7 @@ def _services(log_path: Path) -> Iterator[str]:
             yield services.database_url
 
 
-def _judge(judge: str | None) -> JudgeSpec:
+def judge_option(judge: str | None) -> JudgeSpec:
     settings = get_settings()
     try:
         spec = resolve_judge(judge or settings.eval_judge, settings)
@@ -62,7 +72,15 @@ def _judge(judge: str | None) -> JudgeSpec:
     return spec
 
 
-def _judge_all(
+def reference_option(reference: str | None) -> str:
+    """The reference `--reference` names, or EVAL_REFERENCE's file, which must then exist."""
+    chosen = reference or str(get_settings().eval_reference)
+    if reference is None and not Path(chosen).is_file():
+        raise fail(f"reference file {chosen} not found: pass --reference FILE or set EVAL_REFERENCE")
+    return chosen
+
+
+def judge_job(
     database_url: str, job_id: str, reference_arg: str, judge: JudgeSpec, seed: int, difficulty: Path | None
 ) -> dict[str, Any]:
     """Start or resume the evaluation, send what is left to judge, follow it, and store the metrics."""
@@ -105,7 +123,7 @@ def _judge_all(
     return summary
 
 
-def _percent(summary: dict[str, Any], value: str, error: str, digits: int = 2) -> str:
+def percent(summary: dict[str, Any], value: str, error: str, digits: int = 2) -> str:
     if summary.get(value) is None:
         return "-"
     spread = f" ± {summary[error]:.{digits}f}" if summary.get(error) is not None else ""
@@ -116,8 +134,8 @@ def _summary_table(title: str, summary: dict[str, Any]) -> Table:
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("win rate (%)", _percent(summary, "win_rate", "standard_error"))
-    table.add_row("length-controlled win rate (%)", _percent(summary, "lc_win_rate", "lc_standard_error"))
+    table.add_row("win rate (%)", percent(summary, "win_rate", "standard_error"))
+    table.add_row("length-controlled win rate (%)", percent(summary, "lc_win_rate", "lc_standard_error"))
     if "n_total" in summary:
         table.add_row(
             "wins / draws / losses", f"{summary['n_wins']} / {summary['n_draws']} / {summary['n_losses']}"
@@ -133,21 +151,14 @@ def _breakdown_table(title: str, rows: dict[str, dict[str, Any]]) -> Table:
     for name, justify in (("group", "left"), ("n", "right"), ("win rate (%)", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for group, row in rows.items():
-        table.add_row(group, str(int(row["n"])), _percent(row, "win_rate", "standard_error", digits=1))
+        table.add_row(group, str(int(row["n"])), percent(row, "win_rate", "standard_error", digits=1))
     return table
 
 
 def evaluate(
     job_id: Annotated[str, typer.Argument(metavar="JOB", help="The job whose outputs are judged.")],
-    reference: Annotated[
-        str | None, typer.Option(help="Reference outputs (JSONL or JSON list); default: EVAL_REFERENCE.")
-    ] = None,
-    judge: Annotated[
-        str | None,
-        typer.Option(
-            help="An OpenAI-compatible URL, or RECIPE[:MODEL] for a local model; default: EVAL_JUDGE."
-        ),
-    ] = None,
+    reference: ReferenceOption = None,
+    judge: JudgeOption = None,
     seed: Annotated[int, typer.Option(help="Seed of the per-item order of the two outputs.")] = 0,
 ) -> None:
     """Judge a job's outputs against reference outputs (AlpacaEval 2.0): win rate and LC win rate.
@@ -155,13 +166,11 @@ def evaluate(
     Running it again resumes the same evaluation: only items without a verdict are judged.
     """
     settings = get_settings()
-    chosen = _judge(judge)
-    reference_arg = reference or str(settings.eval_reference)
-    if reference is None and not Path(reference_arg).is_file():
-        raise fail(f"reference file {reference_arg} not found: pass --reference FILE or set EVAL_REFERENCE")
+    chosen = judge_option(judge)
+    reference_arg = reference_option(reference)
     try:
-        with _services(Path(f"eval-{job_id[:8]}.worker.log")) as database_url:
-            summary = _judge_all(
+        with judging_services(Path(f"eval-{job_id[:8]}.worker.log")) as database_url:
+            summary = judge_job(
                 database_url, job_id, reference_arg, chosen, seed, settings.eval_instruction_difficulty
             )
     except SlimMoAError as exc:
@@ -176,22 +185,17 @@ def evaluate(
 def compare(
     job_a: Annotated[str, typer.Argument(metavar="JOB_A", help="The job whose outputs are judged.")],
     job_b: Annotated[str, typer.Argument(metavar="JOB_B", help="The job it is compared with.")],
-    judge: Annotated[
-        str | None,
-        typer.Option(
-            help="An OpenAI-compatible URL, or RECIPE[:MODEL] for a local model; default: EVAL_JUDGE."
-        ),
-    ] = None,
+    judge: JudgeOption = None,
     plot: Annotated[Path | None, typer.Option(help="Where to write the PNG plot.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the per-item order of the two outputs.")] = 0,
 ) -> None:
     """Head-to-head of two jobs on the same prompts: A's win rate over B, by dataset and output length."""
     from orchestrator.plots import plot_comparison
 
-    chosen = _judge(judge)
+    chosen = judge_option(judge)
     try:
-        with _services(Path(f"compare-{job_a[:8]}-{job_b[:8]}.worker.log")) as database_url:
-            summary = _judge_all(database_url, job_a, f"{JOB_REFERENCE_PREFIX}{job_b}", chosen, seed, None)
+        with judging_services(Path(f"compare-{job_a[:8]}-{job_b[:8]}.worker.log")) as database_url:
+            summary = judge_job(database_url, job_a, f"{JOB_REFERENCE_PREFIX}{job_b}", chosen, seed, None)
     except SlimMoAError as exc:
         raise fail_on(exc) from None
     console.print(_summary_table(f"job {job_a} (A) vs job {job_b} (B)", summary))

@@ -1,4 +1,4 @@
-"""Options that more than one command takes: how to read an input file, and what to write."""
+"""Options that more than one command takes: how to read an input file, what to write, how to judge."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 from orchestrator.exports import ExportFormat
 from orchestrator.inputs import InputFormat
 
-__all__ = ["FieldOption", "InputFormatOption", "OutputFormatOption"]
+__all__ = ["FieldOption", "InputFormatOption", "JudgeOption", "OutputFormatOption", "ReferenceOption"]
 
 InputFormatOption = Annotated[
     InputFormat | None,
@@ -26,4 +26,11 @@ FieldOption = Annotated[
 OutputFormatOption = Annotated[
     ExportFormat | None,
     typer.Option("--format", help="What to write (default: by suffix: .json, .jsonl, .parquet)."),
+]
+JudgeOption = Annotated[
+    str | None,
+    typer.Option(help="An OpenAI-compatible URL, or RECIPE[:MODEL] for a local model; default: EVAL_JUDGE."),
+]
+ReferenceOption = Annotated[
+    str | None, typer.Option(help="Reference outputs (JSONL or JSON list); default: EVAL_REFERENCE.")
 ]

@@ -1,5 +1,12 @@
 """Deterministic text from the prompt and seed, with configurable latency: for orchestration tests,
-benchmarks and load tests. Chosen only by a recipe that names `engine: synthetic`."""
+benchmarks and load tests. Chosen only by a recipe that names `engine: synthetic`.
+
+Two opt-in fields give recipes a quality known by construction (tests of `slimmoa tune`):
+`cite_sources` puts the names of the synthetic models whose answers the prompt holds after the model's
+own name, so an aggregated answer carries its sources; `judge_scores` makes a judge score each output
+it is shown by the names in it (each distinct name once) and answer P(first is better) =
+sigmoid(score(first) - score(second)). Without them the text and the judge's logprobs are unchanged.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +15,16 @@ import hashlib
 import json
 import math
 import random
+import re
 import time
 from collections.abc import AsyncGenerator
 
-from orchestrator.recipes import SyntheticModel
+from orchestrator.contracts import ChatMessage
+from orchestrator.judging import FIRST_TOKEN, SECOND_TOKEN, shown_outputs
+from orchestrator.recipes import MODEL_NAME, SyntheticModel
 from workers.engines.base import ChatRequest, Delta, Engine, Generation
 
-__all__ = ["SyntheticEngine", "WordTokenizer", "fake_top_logprobs", "prompt_digest"]
+__all__ = ["SyntheticEngine", "WordTokenizer", "fake_top_logprobs", "prompt_digest", "scored_top_logprobs"]
 
 _WORDS = [
     "alpha",
@@ -69,6 +79,36 @@ def fake_top_logprobs(digest: str, k: int) -> dict[str, float]:
     return {token: logit - norm for token, logit in ranked[:k]}
 
 
+# The first word of every synthetic answer: its model's name and the prompt digest.
+_SOURCE = re.compile(rf"(?<![\w.-])({MODEL_NAME.pattern}):[0-9a-f]{{16}}(?![0-9a-f])")
+
+
+def _cited(messages: list[ChatMessage], own: str) -> list[str]:
+    """The other synthetic models whose answers these messages hold, in order of first appearance."""
+    names = (m.group(1) for message in messages for m in _SOURCE.finditer(message.content))
+    return [name for name in dict.fromkeys(names) if name != own]
+
+
+def _score(text: str, scores: dict[str, float]) -> float:
+    return sum(
+        score for name, score in scores.items() if re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", text)
+    )
+
+
+def scored_top_logprobs(messages: list[ChatMessage], scores: dict[str, float]) -> dict[str, float] | None:
+    """The verdict of a judge with `judge_scores`: logprobs of the two identifiers from the scores of
+    the names in each output shown; None when the prompt is not a pairwise judge's."""
+    shown = shown_outputs(messages[-1].content) if messages else None
+    if shown is None:
+        return None
+    margin = _score(shown[0], scores) - _score(shown[1], scores)
+    # log sigmoid(x) = -log(1 + e^-x), written so that large margins do not overflow.
+    return {
+        FIRST_TOKEN: -math.log1p(math.exp(-margin)) if margin > -30 else margin,
+        SECOND_TOKEN: -math.log1p(math.exp(margin)) if margin < 30 else -margin,
+    }
+
+
 class WordTokenizer:
     """Whitespace words as tokens: exact for synthetic text, close enough for its truncation tests."""
 
@@ -121,7 +161,9 @@ class SyntheticEngine(Engine):
         """The answer's words: the model's name and prompt digest first, then words drawn from the digest."""
         digest = prompt_digest(request)
         count = min(self.spec.output_tokens, request.max_tokens)
-        return [f"{self.name}:{digest}", *random.Random(digest).choices(_WORDS, k=count - 1)]
+        cited = _cited(request.messages, self.name)[: count - 1] if self.spec.cite_sources else []
+        drawn = random.Random(digest).choices(_WORDS, k=count - 1 - len(cited))
+        return [f"{self.name}:{digest}", *cited, *drawn]
 
     def _generation(self, request: ChatRequest, text: str, count: int, started: float) -> Generation:
         logprobs = request.logprobs
@@ -131,5 +173,12 @@ class SyntheticEngine(Engine):
             output_tokens=count,
             finish_reason="length" if count == request.max_tokens else "stop",
             latency_ms=(time.perf_counter() - started) * 1000,
-            top_logprobs=fake_top_logprobs(prompt_digest(request), logprobs) if logprobs else None,
+            top_logprobs=self._top_logprobs(request, logprobs) if logprobs else None,
         )
+
+    def _top_logprobs(self, request: ChatRequest, k: int) -> dict[str, float]:
+        if self.spec.judge_scores is not None:
+            scored = scored_top_logprobs(request.messages, dict(self.spec.judge_scores))
+            if scored is not None:
+                return scored
+        return fake_top_logprobs(prompt_digest(request), k)
