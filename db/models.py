@@ -34,6 +34,7 @@ __all__ = [
     "Item",
     "ItemStatus",
     "Job",
+    "JobKind",
     "JobStatus",
     "Judgment",
     "JudgmentStatus",
@@ -60,6 +61,11 @@ class JobStatus(enum.StrEnum):
     PARTIAL = "partial"  # some items failed
     FAILED = "failed"  # every item failed
     CANCELLED = "cancelled"
+
+
+class JobKind(enum.StrEnum):
+    BULK = "bulk"  # submitted as a job: a file, a list of items
+    CHAT = "chat"  # one chat completion request (`POST /v1/chat/completions`), answered as it streams
 
 
 class ItemStatus(enum.StrEnum):
@@ -101,12 +107,13 @@ class Job(Base):
     # The full recipe as submitted: stages read it from here, so later edits to YAML files don't leak in.
     recipe: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
+    kind: Mapped[str] = mapped_column(String(16), default=JobKind.BULK, server_default=JobKind.BULK.value)
     # A client-chosen key: a retried submit with the same key returns this job instead of a new one.
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     # SHA-256 of the submitted request: the same key with another request is refused, not answered
     # with this job.
     idempotency_digest: Mapped[str | None] = mapped_column(String(64))
-    # 0 (lowest) to 9; recorded with the job and reported by the API.
+    # 0 (lowest) to 9: orders the job's stages against other bulk jobs' (chat requests come first).
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     total_items: Mapped[int] = mapped_column(Integer)
     items_succeeded: Mapped[int] = mapped_column(Integer, default=0)

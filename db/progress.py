@@ -31,9 +31,11 @@ def get_item(session: Session, item_id: int) -> Item | None:
     return session.get(Item, item_id)
 
 
-def list_jobs(session: Session, *, status: str | None, offset: int, limit: int) -> tuple[list[Job], int]:
-    """One page of jobs, newest first, and how many match in all."""
-    where = [Job.status == status] if status else []
+def list_jobs(
+    session: Session, *, status: str | None, offset: int, limit: int, kind: str | None = None
+) -> tuple[list[Job], int]:
+    """One page of jobs (of a status, of a kind), newest first, and how many match in all."""
+    where = ([Job.status == status] if status else []) + ([Job.kind == kind] if kind else [])
     count = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
     page = session.scalars(
         select(Job).where(*where).order_by(Job.created_at.desc(), Job.id).offset(offset).limit(limit)

@@ -76,6 +76,9 @@ class StageRead:
     last_turn: int
     status: str
     job_status: str
+    # The job's kind (bulk or chat) and priority: the broker step of the stages the item sends next.
+    job_kind: str
+    job_priority: int
     # Rows of the layers read (of the turn read), ordered by layer and slot.
     candidates: list[CandidateRow]
     # Outputs of the turns up to the one read (multi-turn items only), in turn order.
@@ -99,7 +102,7 @@ def _stage_read(candidates: Any) -> Any:
     columns = (Candidate.id, Candidate.layer, Candidate.slot, Candidate.text, Candidate.error)
     item = (Item.job_id, Item.instruction, Item.system, Item.messages, Item.turns, Item.last_turn)
     return (
-        select(*item, Item.status, Job.status, *columns)
+        select(*item, Item.status, Job.status, Job.kind, Job.priority, *columns)
         .join(Job, Job.id == Item.job_id)
         .outerjoin(
             Candidate, and_(Candidate.item_id == Item.id, Candidate.turn == bindparam("turn"), candidates)
@@ -124,7 +127,7 @@ _ANSWERS = (
     .where(Output.item_id == bindparam("item_id"), Output.turn <= bindparam("turn"))
     .order_by(Output.turn)
 )
-_ITEM_COLUMNS = 8
+_ITEM_COLUMNS = 10
 
 
 def _read(db: StageConnection, statement: Any, params: dict[str, Any]) -> StageRead | None:
@@ -133,8 +136,22 @@ def _read(db: StageConnection, statement: Any, params: dict[str, Any]) -> StageR
         return None
     # An item without candidate rows comes back as one row whose candidate columns are NULL.
     candidates = [CandidateRow._make(row[_ITEM_COLUMNS:]) for row in rows if row[_ITEM_COLUMNS] is not None]
-    job_id, instruction, system, messages, turns, last_turn, status, job_status = rows[0][:_ITEM_COLUMNS]
-    read = StageRead(job_id, instruction, system, messages, turns, last_turn, status, job_status, candidates)
+    job_id, instruction, system, messages, turns, last_turn, status, job_status, kind, priority = rows[0][
+        :_ITEM_COLUMNS
+    ]
+    read = StageRead(
+        job_id,
+        instruction,
+        system,
+        messages,
+        turns,
+        last_turn,
+        status,
+        job_status,
+        kind,
+        priority,
+        candidates,
+    )
     if read.turns is not None:
         read.answers.extend(TurnAnswer._make(row) for row in db.rows(_ANSWERS, params))
     return read

@@ -22,6 +22,7 @@ def insert_job(
     items: Sequence[NewItem],
     name: str | None,
     priority: int = 0,
+    kind: str = "bulk",
     idempotency_key: str | None = None,
     idempotency_digest: str | None = None,
 ) -> Job:
@@ -32,6 +33,7 @@ def insert_job(
         recipe=recipe,
         total_items=len(items),
         priority=priority,
+        kind=kind,
         idempotency_key=idempotency_key,
         idempotency_digest=idempotency_digest,
     )

@@ -27,7 +27,7 @@ from orchestrator.celery_app import (
 )
 from orchestrator.job_recipes import job_recipe
 from orchestrator.recipes import Recipe
-from orchestrator.routing import aggregator_queue, proposer_queue
+from orchestrator.routing import BULK_PRIORITY, aggregator_queue, proposer_queue, stage_priority
 from orchestrator.settings import get_settings
 from orchestrator.stage_info import StageInfo
 
@@ -69,9 +69,11 @@ def item_canvas(
     *,
     job_id: str,
     turn: int = 0,
+    priority: int = BULK_PRIORITY,
 ) -> Signature:
     """chord(proposers of `layer` of `turn`, body): the body is the aggregator after the last layer,
-    else `layer_done`, which checks the pool and sends the next layer's chord.
+    else `layer_done`, which checks the pool and sends the next layer's chord. Every stage is sent at
+    the job's broker `priority` step (`orchestrator.routing.stage_priority`).
 
     Every signature is immutable: bodies ignore the header results and read the pool from the
     database. Layers are linked by `layer_done` sending the next chord, not by chaining or nesting
@@ -85,28 +87,34 @@ def item_canvas(
             args=(item_id, layer, slot, turn),
             immutable=True,
             queue=proposer_queue(specs[slot].model),
+            priority=priority,
             **turn_info(job_id, item_id, turn, layer=layer, slot=slot, model=specs[slot].model).options(),
         )
         for slot in chosen
     )
     if layer == len(recipe.layers) - 1:
-        body = aggregator_signature(item_id, recipe, job_id=job_id, turn=turn)
+        body = aggregator_signature(item_id, recipe, job_id=job_id, turn=turn, priority=priority)
     else:
-        body = layer_done_signature(item_id, layer, job_id=job_id, turn=turn)
+        body = layer_done_signature(item_id, layer, job_id=job_id, turn=turn, priority=priority)
     return chord(header, body)
 
 
-def layer_done_signature(item_id: int, layer: int, *, job_id: str, turn: int = 0) -> Signature:
+def layer_done_signature(
+    item_id: int, layer: int, *, job_id: str, turn: int = 0, priority: int = BULK_PRIORITY
+) -> Signature:
     """The check between two layers of one item's turn."""
     return app.signature(
         TASK_LAYER_DONE,
         args=(item_id, layer, turn),
         immutable=True,
+        priority=priority,
         **turn_info(job_id, item_id, turn, layer=layer).options(),
     )
 
 
-def aggregator_signature(item_id: int, recipe: Recipe, *, job_id: str, turn: int = 0) -> Signature:
+def aggregator_signature(
+    item_id: int, recipe: Recipe, *, job_id: str, turn: int = 0, priority: int = BULK_PRIORITY
+) -> Signature:
     """The aggregator of one item's turn, on its model's aggregation queue."""
     model = recipe.aggregator.model
     return app.signature(
@@ -114,6 +122,7 @@ def aggregator_signature(item_id: int, recipe: Recipe, *, job_id: str, turn: int
         args=(item_id, turn),
         immutable=True,
         queue=aggregator_queue(model),
+        priority=priority,
         **turn_info(job_id, item_id, turn, model=model).options(),
     )
 
@@ -131,6 +140,7 @@ def dispatch(job_id: str) -> int:
         if job.status == JobStatus.CANCELLED:
             return 0
         recipe = Recipe.model_validate(job.recipe)
+        priority = stage_priority(job.kind, job.priority)
         item_ids = recovery.item_ids(session, job_id, pending_only=True)
         recovery.mark_job_running(session, job_id)
         recovery.mark_items_dispatched(session, job_id=job_id)
@@ -140,7 +150,7 @@ def dispatch(job_id: str) -> int:
         for item_id in item_ids[start : start + DISPATCH_BATCH]:
             # Not in this task's trail: Celery would keep every chord's results (and their result
             # subscriptions) until the whole job is dispatched, memory growing with the job.
-            item_canvas(item_id, recipe, job_id=job_id).apply_async(add_to_parent=False)
+            item_canvas(item_id, recipe, job_id=job_id, priority=priority).apply_async(add_to_parent=False)
     return len(item_ids)
 
 
@@ -149,9 +159,10 @@ def turn_label(turn: int, last_turn: int) -> str:
     return f"turn {turn + 1} of {last_turn + 1}: " if last_turn else ""
 
 
-def next_turn(item_id: int, recipe: Recipe, *, job_id: str, turn: int) -> None:
+def next_turn(item_id: int, recipe: Recipe, *, job_id: str, turn: int, priority: int) -> None:
     """Send the canvas of the turn after `turn` (its aggregator has stored its answer)."""
-    item_canvas(item_id, recipe, job_id=job_id, turn=turn + 1).apply_async(add_to_parent=False)
+    canvas = item_canvas(item_id, recipe, job_id=job_id, turn=turn + 1, priority=priority)
+    canvas.apply_async(add_to_parent=False)
 
 
 def _cancelled(url: str, job_id: str) -> bool:
@@ -186,7 +197,9 @@ def layer_done(item_id: int, layer: int, turn: int = 0) -> bool:
             )
             return False
         if len(survivors) >= recipe.min_pool:
-            item_canvas(item_id, recipe, layer + 1, job_id=item.job_id, turn=turn).apply_async()
+            priority = stage_priority(item.job_kind, item.job_priority)
+            canvas = item_canvas(item_id, recipe, layer + 1, job_id=item.job_id, turn=turn, priority=priority)
+            canvas.apply_async()
             stages.mark_item_dispatched(db, item_id)
             return True
         failures = "; ".join(f"slot {c.slot}: {c.error}" for c in pool if not c.ok)

@@ -7,6 +7,7 @@ from typing import Any
 from celery import Celery
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from orchestrator.routing import BULK_PRIORITY, PRIORITY_STEPS
 from orchestrator.settings import Settings, get_settings
 
 __all__ = [
@@ -42,13 +43,17 @@ DATABASE_RETRY: dict[str, Any] = {
 def configure(celery: Celery, settings: Settings) -> None:
     """Apply settings; each line below guards against a way Celery over Redis loses or hangs work."""
     transport = {"visibility_timeout": settings.visibility_timeout_s}
+    # A list per priority step (orchestrator.routing): chat stages are served before bulk ones.
+    broker = transport | {"priority_steps": PRIORITY_STEPS}
     celery.conf.update(
         broker_url=settings.redis_url or None,
         result_backend=settings.redis_url or None,
         # Redis redelivers unacked tasks after visibility_timeout: keep it above the longest stage,
         # in the broker and in the result backend, or long generations run twice.
-        broker_transport_options=transport,
+        broker_transport_options=broker,
         result_backend_transport_options=transport,
+        # Anything sent without a priority waits behind every chat stage and bulk job.
+        task_default_priority=BULK_PRIORITY,
         # Chord counters expire with results: a backlog older than this would never fire its body.
         result_expires=settings.result_expires_s,
         # Ack after the stage wrote its row, so a worker that dies mid-generation loses nothing.

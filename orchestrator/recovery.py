@@ -36,6 +36,7 @@ from orchestrator.celery_app import (
 from orchestrator.contracts import RetryResult, RetryStage
 from orchestrator.errors import JobNotFound, NotRetryable
 from orchestrator.recipes import Recipe
+from orchestrator.routing import stage_priority
 from orchestrator.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -72,11 +73,12 @@ def retry_job(
     reopened = recovery.reopen_items(session, job_id, canvas | aggregator)
     recovery.mark_items_dispatched(session, [*canvas, *aggregator])
     recipe = Recipe.model_validate(job.recipe)
+    priority = stage_priority(job.kind, job.priority)
     session.commit()
     for item_id, turn in canvas.items():
-        item_canvas(item_id, recipe, job_id=job_id, turn=turn).apply_async()
+        item_canvas(item_id, recipe, job_id=job_id, turn=turn, priority=priority).apply_async()
     for item_id, turn in aggregator.items():
-        aggregator_signature(item_id, recipe, job_id=job_id, turn=turn).apply_async()
+        aggregator_signature(item_id, recipe, job_id=job_id, turn=turn, priority=priority).apply_async()
     return RetryResult(
         job_id=job_id,
         items_reopened=reopened,
@@ -176,10 +178,9 @@ def sweep(database_url: str, *, grace_s: float | None = None) -> SweepResult:
     quiet_since = utcnow() - timedelta(seconds=grace)
     with session_scope(database_url) as session:
         stalled = recovery.stalled_items(session, quiet_since)
-        recipes = {
-            job_id: Recipe.model_validate(session.get_one(Job, job_id).recipe)
-            for job_id in {item.job_id for item in stalled}
-        }
+        jobs = {job_id: session.get_one(Job, job_id) for job_id in {item.job_id for item in stalled}}
+        recipes = {job_id: Recipe.model_validate(job.recipe) for job_id, job in jobs.items()}
+        priorities = {job_id: stage_priority(job.kind, job.priority) for job_id, job in jobs.items()}
         judgments = evaluations.stalled_judgments(session, quiet_since)
     result = SweepResult(
         items_checked=len(stalled), proposer_chords=0, layer_checks=0, aggregators=0, skipped_in_flight=0
@@ -197,18 +198,19 @@ def sweep(database_url: str, *, grace_s: float | None = None) -> SweepResult:
             result.skipped_in_flight += 1
             continue
         name, item_id, turn, layer, _ = due[0]
+        job_id, priority = item.job_id, priorities[item.job_id]
         if name == TASK_PROPOSER:
             # Every missing slot goes into the new chord, even one still queued: the body must not
             # fire before all of them are stored. A duplicate finds its row and returns.
             slots = [slot for *_, slot in due]
-            canvas = item_canvas(item_id, recipe, layer, slots, job_id=item.job_id, turn=turn)
+            canvas = item_canvas(item_id, recipe, layer, slots, job_id=job_id, turn=turn, priority=priority)
             canvas.apply_async(add_to_parent=False)  # as in dispatch: no trail of a sweep's chords
             result.proposer_chords += 1
         elif name == TASK_LAYER_DONE:
-            layer_done_signature(item_id, layer, job_id=item.job_id, turn=turn).apply_async()
+            layer_done_signature(item_id, layer, job_id=job_id, turn=turn, priority=priority).apply_async()
             result.layer_checks += 1
         else:
-            aggregator_signature(item_id, recipe, job_id=item.job_id, turn=turn).apply_async()
+            aggregator_signature(item_id, recipe, job_id=job_id, turn=turn, priority=priority).apply_async()
             result.aggregators += 1
         sent.append(item_id)
     with session_scope(database_url) as session:

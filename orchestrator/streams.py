@@ -26,7 +26,7 @@ Writer (sync, in a stage's thread) and reader (async, in the API)::
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Annotated, Any, Literal
 
 import redis
@@ -154,17 +154,29 @@ class StreamReader:
         self.key = stream_key(job_id, prefix)
         self._cancel_key = cancel_key(job_id, prefix)
 
-    async def records(self, timeout_s: float) -> AsyncIterator[Record]:
+    async def records(
+        self,
+        timeout_s: float,
+        *,
+        on_idle: Callable[[], Awaitable[Record | None]] | None = None,
+        idle_ms: int = BLOCK_MS,
+    ) -> AsyncIterator[Record]:
         """Every record in order, up to and including the final (or error) one; raises StreamTimeout
-        if that has not come within `timeout_s`."""
+        if that has not come within `timeout_s`. `on_idle` is asked after every `idle_ms` without a
+        record (is the writer still there? is the client?): a record it returns ends the stream."""
         deadline = time.monotonic() + timeout_s
         last: Any = "0-0"
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise StreamTimeout(f"{self.key}: no final record within {timeout_s:g} s")
-            block = max(1, min(BLOCK_MS, int(remaining * 1000)))
+            block = max(1, min(idle_ms, int(remaining * 1000)))
             reply: Any = await self.client.xread({self.key: last}, count=READ_COUNT, block=block)
+            if not reply and on_idle is not None:
+                ended = await on_idle()
+                if ended is not None:
+                    yield ended
+                    return
             # [[key, entries]] as redis-py answers by default; {key: entries} with its unified replies.
             for _, entries in reply.items() if isinstance(reply, dict) else reply or []:
                 for entry_id, fields in entries:

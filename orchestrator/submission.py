@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db import submission
-from db.models import Job
+from db.models import Job, JobKind
 from db.rows import NewItem
 from orchestrator.celery_app import TASK_DISPATCH, app
 from orchestrator.contracts import InputRecord
@@ -39,6 +39,7 @@ class Submission:
     records: Sequence[InputRecord]
     name: str | None = None
     priority: int = 0
+    kind: JobKind = JobKind.BULK
 
     def digest(self) -> str:
         """A fingerprint of the request: what an Idempotency-Key stands for."""
@@ -82,6 +83,7 @@ def store_job(session: Session, job: Submission, idempotency_key: str | None = N
         items=items,
         name=job.name,
         priority=job.priority,
+        kind=job.kind,
         idempotency_key=idempotency_key,
         idempotency_digest=job.digest() if idempotency_key is not None else None,
     )

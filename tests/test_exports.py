@@ -194,7 +194,14 @@ def test_parquet_round_trips_with_the_metadata_in_the_file(
             "output": output.text,
             "status": "degraded",
             "candidates": [
-                {"layer": c.layer, "slot": c.slot, "model": c.model, "text": c.text, "error": c.error}
+                {
+                    "turn": 0,
+                    "layer": c.layer,
+                    "slot": c.slot,
+                    "model": c.model,
+                    "text": c.text,
+                    "error": c.error,
+                }
                 for c in candidates
             ],
         }

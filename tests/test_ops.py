@@ -26,7 +26,7 @@ from orchestrator.fleet import Fleet, live_workers, unserved
 from orchestrator.flower import FlowerAccess, FlowerConfigError, flower_argv
 from orchestrator.logs import JsonFormatter, StageFilter, _bind_task, _unbind_task, current_stage
 from orchestrator.ownership import EVERY_MODEL, ModelSelection, SelectionError
-from orchestrator.routing import ModelQueues
+from orchestrator.routing import BULK_PRIORITY, ModelQueues, priority_lists
 from orchestrator.settings import Settings, get_settings
 from orchestrator.stage_info import HEADER, StageInfo
 from workers.affinity import AffinityScheduler
@@ -150,9 +150,9 @@ def model_queues(services: dict[str, str]) -> Iterator[dict[str, ModelQueues]]:
     models = {n: ModelQueues(n, 1.0, f"{prefix}.{n}", f"{prefix}.{n}.aggregate") for n in ("big-a", "big-b")}
     client = redis.Redis.from_url(services["REDIS_URL"])
     for queues in models.values():
-        client.rpush(queues.proposals, 1)
+        client.rpush(priority_lists(queues.proposals)[BULK_PRIORITY], 1)
     yield models
-    client.delete(*[q for m in models.values() for q in m.queues])
+    client.delete(*[key for m in models.values() for q in m.queues for key in priority_lists(q)])
 
 
 def test_affinity_consumes_only_the_served_models_and_nothing_while_draining(

@@ -24,7 +24,7 @@ from orchestrator.celery_app import TASK_DISPATCH
 from orchestrator.celery_app import app as celery_app
 from orchestrator.planning import plan_memory
 from orchestrator.recipes import Recipe, SyntheticModel
-from orchestrator.routing import ModelQueues
+from orchestrator.routing import BULK_PRIORITY, ModelQueues, priority_lists
 from orchestrator.settings import Settings, get_settings
 from tests.conftest import recipe_from_yaml, sample_records, stop_process, store, wait_for_job
 from workers.affinity import AffinityScheduler
@@ -225,7 +225,12 @@ def queues(services: dict[str, str]) -> Iterator[dict[str, ModelQueues]]:
     }
     yield models
     client = redis.Redis.from_url(services["REDIS_URL"])
-    client.delete(*[q for m in models.values() for q in m.queues])
+    client.delete(*[key for m in models.values() for q in m.queues for key in priority_lists(q)])
+
+
+def bulk(queue: str) -> str:
+    """The list of a queue's lowest priority step, where a bulk job's stages wait by default."""
+    return priority_lists(queue)[BULK_PRIORITY]
 
 
 def scheduler(models: dict[str, ModelQueues], fake: FakeHost, held: Counter[str]) -> AffinityScheduler:
@@ -242,16 +247,16 @@ def test_affinity_drains_the_resident_model_before_swapping(queues: dict[str, Mo
     switch = chooser.switch
     assert isinstance(switch, Switch)
 
-    client.rpush(a.proposals, *range(5))
+    client.rpush(bulk(a.proposals), *range(5))
     chooser.tick()
     assert switch.consumed == set(a.queues), "nothing resident: the model with work fits and is consumed"
 
     fake.resident = {"a": 1.5}
-    client.rpush(b.aggregations, *range(3))
+    client.rpush(bulk(b.aggregations), *range(3))
     chooser.tick()
     assert switch.consumed == set(a.queues), "b does not fit beside a: a's backlog goes first"
 
-    client.delete(a.proposals)
+    client.delete(bulk(a.proposals))
     held[a.proposals] = 2
     chooser.tick()
     assert switch.consumed == set(a.queues), "a's tasks still held here: no swap yet"
@@ -262,7 +267,7 @@ def test_affinity_drains_the_resident_model_before_swapping(queues: dict[str, Mo
     assert chooser.target == "b"
 
     fake.resident = {"b": 1.5}
-    client.rpush(a.proposals, 1)
+    client.rpush(bulk(a.proposals), 1)
     chooser.tick()
     assert chooser.target is None and switch.consumed == set(b.queues)
 
@@ -271,8 +276,8 @@ def test_affinity_without_a_budget_consumes_every_model_with_work(queues: dict[s
     client = redis.Redis.from_url(get_settings().redis_url)
     fake = FakeHost(budget_gb=float("inf"))
     chooser = scheduler(queues, fake, Counter())
-    client.rpush(queues["a"].proposals, 1)
-    client.rpush(queues["b"].aggregations, 1)
+    client.rpush(bulk(queues["a"].proposals), 1)
+    client.rpush(bulk(queues["b"].aggregations), 1)
     chooser.tick()
     assert chooser.switch.consumed == {*queues["a"].queues, *queues["b"].queues}  # type: ignore[attr-defined]
 
@@ -286,13 +291,30 @@ def test_aggregations_waiting_are_swapped_in_before_a_bigger_proposal_backlog(
     fake = FakeHost(budget_gb=2.0)
     fake.resident = {"c": 1.5}
     chooser = scheduler(models, fake, Counter())
-    client.rpush(queues["a"].proposals, *range(50))
-    client.rpush(queues["b"].aggregations, 1)
+    client.rpush(bulk(queues["a"].proposals), *range(50))
+    client.rpush(bulk(queues["b"].aggregations), 1)
     try:
         chooser.tick()
         assert chooser.target == "b", "items one aggregation from done finish before new proposals"
     finally:
-        client.delete(*c.queues)
+        client.delete(*[key for q in c.queues for key in priority_lists(q)])
+
+
+def test_a_waiting_chat_stage_swaps_its_model_in_ahead_of_the_backlog(
+    queues: dict[str, ModelQueues],
+) -> None:
+    client = redis.Redis.from_url(get_settings().redis_url)
+    a, b = queues["a"], queues["b"]
+    fake = FakeHost(budget_gb=2.0)
+    fake.resident = {"a": 1.5}
+    chooser = scheduler(queues, fake, Counter())
+    client.rpush(bulk(a.proposals), *range(50))
+    client.rpush(priority_lists(b.proposals)[1], 1)
+    chooser.tick()
+    assert chooser.target is None, "a bulk job's stage of another model waits for the resident backlog"
+    client.rpush(b.aggregations, 1)  # step 0: a chat request's aggregator
+    chooser.tick()
+    assert chooser.target == "b" and chooser.switch.consumed == set(b.queues)  # type: ignore[attr-defined]
 
 
 def test_finished_pools_are_aggregated_while_later_proposals_wait(

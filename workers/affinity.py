@@ -7,7 +7,8 @@ at those queues a few times a second and consumes:
     that model's queues alone: its first task evicts the least recently used engines and loads it,
     after which the models still resident are consumed again.
 So a model is swapped in once its predecessors' backlog is drained, not once per item, and a job over
-more models than fit costs about one load per model per layer.
+more models than fit costs about one load per model per layer. A chat request's stage (priority step
+0) is the most urgent work: a model that one waits for is swapped in at once, ahead of any backlog.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from db.residency import active_jobs
 from db.session import session_scope
 from orchestrator.ownership import EVERY_MODEL, ModelSelection
 from orchestrator.recipes import Recipe
-from orchestrator.routing import ModelQueues, model_queues
+from orchestrator.routing import INTERACTIVE_PRIORITY, ModelQueues, model_queues, queue_depths
 from orchestrator.settings import Settings
 
 __all__ = ["AffinityScheduler", "AffinityStep", "QueueSwitch"]
@@ -96,17 +97,17 @@ class AffinityScheduler:
         found = model_queues(list(self._recipes.values()))
         return {name: queues for name, queues in found.items() if self.selection.serves(name)}
 
-    def backlog(self, models: dict[str, ModelQueues]) -> tuple[dict[str, int], dict[str, int]]:
-        """Per model: tasks waiting or held here (all stages), and aggregations among them."""
-        queues = [q for m in models.values() for q in m.queues]
-        pipe = self.redis.pipeline(transaction=False)
-        for queue in queues:
-            pipe.llen(queue)
-        lengths = dict(zip(queues, pipe.execute(), strict=True))
+    def backlog(self, models: dict[str, ModelQueues]) -> tuple[dict[str, int], dict[str, int], set[str]]:
+        """Per model: tasks waiting or held here (all stages), and aggregations among them; and the
+        models a chat request's stage waits for."""
+        depths = queue_depths(self.redis, [q for m in models.values() for q in m.queues])
         held = self.held()
-        work = {name: sum(lengths[q] + held[q] for q in m.queues) for name, m in models.items()}
-        finishing = {name: lengths[m.aggregations] + held[m.aggregations] for name, m in models.items()}
-        return work, finishing
+        work = {name: sum(sum(depths[q]) + held[q] for q in m.queues) for name, m in models.items()}
+        finishing = {name: sum(depths[m.aggregations]) + held[m.aggregations] for name, m in models.items()}
+        urgent = {
+            name for name, m in models.items() if any(depths[q][INTERACTIVE_PRIORITY] for q in m.queues)
+        }
+        return work, finishing, urgent
 
     def tick(self) -> None:
         """Look at the queues once and change what is consumed; called a few times a second."""
@@ -116,13 +117,18 @@ class AffinityScheduler:
             self._consume(set())
             return
         models = self.models()
-        work, finishing = self.backlog(models)
+        work, finishing, urgent = self.backlog(models)
         resident = self.host.resident_models()
         if self.target is not None and (self.target in resident or not work.get(self.target)):
             self.target = None
         if self.target is None:
             chosen = self._alongside(models, resident, work)
-            if not any(work.get(name) for name in chosen):
+            waiting_chat = sorted(urgent - chosen)
+            if waiting_chat:
+                # A person waits: swap their model in now, whatever the other models' backlogs.
+                self.target = waiting_chat[0]
+                log.info("swapping in %s for a chat request", self.target)
+            elif not any(work.get(name) for name in chosen):
                 waiting = [name for name in models if work[name] and name not in chosen]
                 if waiting:
                     # Items waiting only for their aggregation finish first; then the largest backlog.

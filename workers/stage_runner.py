@@ -25,6 +25,7 @@ from celery.signals import worker_shutdown
 from db import residency
 from db.session import DATABASE_UNAVAILABLE, session_scope
 from orchestrator.settings import Settings, get_settings
+from workers.chat_stream import ChatStream
 from workers.engine_host import EngineHost, LoadEvent, Spec
 from workers.engines import ChatRequest, Engine, Generation
 from workers.outcomes import Failure
@@ -107,11 +108,25 @@ def attempts(task: Task) -> int:
 
 
 def attempt_stage(
-    task: Task, model: str, spec: Spec, prepare: Callable[[Engine], ChatRequest], job_id: str | None
+    task: Task,
+    model: str,
+    spec: Spec,
+    prepare: Callable[[Engine], ChatRequest],
+    job_id: str | None,
+    stream: ChatStream | None = None,
 ) -> Generation | Failure:
-    """Run one attempt; returns what to record, or raises StageRetry while retries remain."""
-    outcome = engine_host().attempt(model, spec, prepare, job_id)
+    """Run one attempt (streamed into `stream`, for a chat request's aggregator); returns what to
+    record, or raises StageRetry while retries remain and nothing has been streamed."""
+    host = engine_host()
+    if stream is None:
+        outcome = host.attempt(model, spec, prepare, job_id)
+    else:
+        outcome = host.attempt_stream(
+            model, spec, prepare, stream.delta, cancelled=stream.cancelled, job_id=job_id
+        )
     if isinstance(outcome, Failure) and outcome.transient:
+        if stream is not None and stream.started:
+            return Failure(kind="permanent", message=f"{outcome.message} (after the answer began streaming)")
         if task.request.retries < task.max_retries:
             log.info("%s (attempt %s): %s; retrying", task.name, attempts(task), outcome.message)
             raise StageRetry(outcome.message)

@@ -22,7 +22,7 @@ from typing import Any
 from celery import Task
 
 from db import stages
-from db.models import ItemStatus, utcnow
+from db.models import ItemStatus, JobKind, utcnow
 from db.rows import GenerationRecord
 from db.session import statement_scope
 from orchestrator.canvas import next_turn, turn_label
@@ -31,7 +31,9 @@ from orchestrator.contracts import ChatMessage
 from orchestrator.job_recipes import job_recipe
 from orchestrator.prompts import build_stage_prompt
 from orchestrator.recipes import Recipe, SamplingSpec
+from orchestrator.routing import stage_priority
 from orchestrator.settings import get_settings
+from workers.chat_stream import ChatStream
 from workers.engine_sizing import planned_spec
 from workers.engines import ChatRequest, Engine
 from workers.metrics import STAGES
@@ -87,9 +89,17 @@ _RECORDED = {"text", "prompt_tokens", "output_tokens", "latency_ms", "finish_rea
 
 
 def _attempt(
-    task: Task, stage: _Stage, recipe: Recipe, model: str, sampling: SamplingSpec, layer: int, request_id: str
+    task: Task,
+    stage: _Stage,
+    recipe: Recipe,
+    model: str,
+    sampling: SamplingSpec,
+    layer: int,
+    request_id: str,
+    stream: ChatStream | None = None,
 ) -> GenerationRecord:
-    """One attempt on `model` with the prompt built for its engine, as the record to store."""
+    """One attempt on `model` with the prompt built for its engine (streamed into `stream`, if any),
+    as the record to store."""
     spec = planned_spec(recipe, model, engine_host().settings.worker_memory_gb)
 
     def prepare(engine: Engine) -> ChatRequest:
@@ -108,7 +118,7 @@ def _attempt(
         stage.started_at = utcnow()
         return ChatRequest.build(request_id, prompt.messages, sampling)
 
-    outcome = attempt_stage(task, model, spec, prepare, stage.job_id)
+    outcome = attempt_stage(task, model, spec, prepare, stage.job_id, stream)
     ran = {"model": model, "attempt": attempts(task), "worker": task.request.hostname}
     ran["started_at"] = stage.started_at
     if isinstance(outcome, Failure):
@@ -182,6 +192,8 @@ def run_aggregator(self: Task, item_id: int, turn: int = 0) -> str | None:
         log.warning("aggregator item=%s turn=%s: %s of %s slots stored", item_id, turn, len(pool), expected)
         return None
     where = turn_label(turn, item.last_turn)
+    # A chat request's answer streams to the client waiting for it.
+    stream = ChatStream(item.job_id) if item.job_kind == JobKind.CHAT else None
     references = [c.text for c in pool if c.ok and c.text]
     failures = "; ".join(f"slot {c.slot}: {c.error}" for c in pool if not c.ok)
     if len(references) < recipe.min_pool:
@@ -192,10 +204,11 @@ def run_aggregator(self: Task, item_id: int, turn: int = 0) -> str | None:
     stage = _Stage.of(item, references, turn)
     aggregator = recipe.aggregator
     request_id = f"{item_id}_{turn}_agg_{attempts(self)}"
-    record = _attempt(self, stage, recipe, aggregator.model, aggregator.sampling, last + 1, request_id)
+    sampling = aggregator.sampling
+    record = _attempt(self, stage, recipe, aggregator.model, sampling, last + 1, request_id, stream)
     if record.error is not None:
         log.warning("aggregator item=%s turn=%s failed: %s", item_id, turn, record.error)
-        return _finish(url, item_id, ItemStatus.FAILED, f"{where}aggregator {record.error}")
+        return _finish(url, item_id, ItemStatus.FAILED, f"{where}aggregator {record.error}", stream=stream)
     notes = [
         f"{turn_label(answer.turn, item.last_turn)}pool had {answer.pool_size} of {expected} candidates"
         for answer in item.answers
@@ -206,7 +219,8 @@ def run_aggregator(self: Task, item_id: int, turn: int = 0) -> str | None:
     status = ItemStatus.DEGRADED if notes else ItemStatus.SUCCEEDED
     if turn < item.last_turn:
         return _answer_turn(url, item, item_id, turn, record, len(references), recipe, status)
-    return _finish(url, item_id, status, "; ".join(notes) or None, stage, record, len(references), turn)
+    note = "; ".join(notes) or None
+    return _finish(url, item_id, status, note, stage, record, len(references), turn, stream)
 
 
 def _answer_turn(
@@ -229,7 +243,8 @@ def _answer_turn(
             return stored
 
     if ride_out_database(write):
-        next_turn(item_id, recipe, job_id=item.job_id, turn=turn)
+        priority = stage_priority(item.job_kind, item.job_priority)
+        next_turn(item_id, recipe, job_id=item.job_id, turn=turn, priority=priority)
     _STAGE_COUNTS["aggregator", status].inc()
     return status
 
@@ -243,8 +258,10 @@ def _finish(
     output: GenerationRecord | None = None,
     pool_size: int = 0,
     turn: int = 0,
+    stream: ChatStream | None = None,
 ) -> str:
-    """Move the item to its final status (with the aggregated output of its last turn, if any), once."""
+    """Move the item to its final status (with the aggregated output of its last turn, if any), once;
+    a chat request's stream then says how it ended (its answer is stored before the client is told)."""
     truncation = [stage.truncation] if stage is not None and stage.truncation else None
 
     def write() -> None:
@@ -262,4 +279,8 @@ def _finish(
 
     ride_out_database(write)
     _STAGE_COUNTS["aggregator", status].inc()
+    if stream is not None and output is not None:
+        stream.finish(output)
+    elif stream is not None:
+        stream.fail(note or "the request failed")
     return status

@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchestrator.api import health, jobs, recipes
+from orchestrator.api import chat, health, jobs, recipes
 from orchestrator.api.bodies import JobCreate, JobUpload, Problem
 from orchestrator.api.deps import require_token
 from orchestrator.api.metrics import RequestMetrics, metrics_router
@@ -115,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
     v1.include_router(jobs.router)
     v1.include_router(recipes.router)
+    v1.include_router(chat.router)
     app.include_router(v1)
     app.include_router(health.router)
     install_handlers(app, chosen)

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from db.models import FINAL_JOB_STATUSES, Item, Job, JobStatus, Output
+from db.models import FINAL_JOB_STATUSES, Item, Job, JobKind, JobStatus, Output
 from db.rows import JobCounts
 from orchestrator.contracts import InputRecord, RetryResult, RetryStage
 from orchestrator.inputs import InputFormat, map_items
@@ -112,6 +112,9 @@ class JobPublic(BaseModel):
     name: str | None
     recipe_name: str
     status: JobStatus
+    kind: JobKind = Field(
+        default=JobKind.BULK, description="`bulk` for a submitted job, `chat` for a chat completion request."
+    )
     priority: int
     total_items: int
     items_done: int

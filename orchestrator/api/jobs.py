@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from db import progress, residency
-from db.models import FINAL_JOB_STATUSES, ItemStatus, JobStatus
+from db.models import FINAL_JOB_STATUSES, ItemStatus, JobKind, JobStatus
 from orchestrator.api.bodies import (
     MAX_ID,
     NOTICE_HEADER,
@@ -109,8 +109,11 @@ async def post_job(
 
 
 @router.get("", response_model=JobsPublic)
-def list_jobs(session: SessionDep, page: PageDep, status: JobStatus | None = None) -> JobsPublic:
-    jobs, count = progress.list_jobs(session, status=status, offset=page.offset, limit=page.limit)
+def list_jobs(
+    session: SessionDep, page: PageDep, status: JobStatus | None = None, kind: JobKind | None = None
+) -> JobsPublic:
+    """Jobs newest first; `kind=chat` lists the chat completion requests (`bulk`: submitted jobs)."""
+    jobs, count = progress.list_jobs(session, status=status, kind=kind, offset=page.offset, limit=page.limit)
     return JobsPublic(data=[JobPublic.model_validate(job) for job in jobs], count=count)
 
 

@@ -8,10 +8,16 @@
     RequestValidationError  request fields that fail their schema: 422, one line per field
 
 Paths read like the request: `items[37].instruction: must not be empty`.
+
+The OpenAI-compatible routes (`/v1/chat/completions`, `/v1/models`) answer every error in OpenAI's
+shape instead, `{"error": {"message", "type", "param", "code"}}`, which the `openai` SDK turns into its
+exceptions; a request field that fails its schema is a 400 there, as OpenAI answers, with the field
+as `param`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from http import HTTPStatus
@@ -30,7 +36,15 @@ from orchestrator.api.bodies import Problem
 from orchestrator.errors import SlimMoAError, validation_message
 from orchestrator.settings import Settings
 
-__all__ = ["ProblemError", "field_errors", "install_handlers", "problem_response", "validation_problem"]
+__all__ = [
+    "ProblemError",
+    "field_errors",
+    "install_handlers",
+    "openai_error_response",
+    "openai_route",
+    "problem_response",
+    "validation_problem",
+]
 
 MEDIA_TYPE = "application/problem+json"
 
@@ -41,13 +55,23 @@ class ProblemError(Exception):
     """An error a route answers with; `errors` lists field-level problems (the first is the detail)."""
 
     def __init__(
-        self, status: int, detail: str, errors: Sequence[str] = (), headers: dict[str, str] | None = None
+        self,
+        status: int,
+        detail: str,
+        errors: Sequence[str] = (),
+        headers: dict[str, str] | None = None,
+        *,
+        param: str | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.errors = list(errors)
         self.headers = headers
+        # The field at fault and a machine-readable code, as the OpenAI-compatible routes report them.
+        self.param = param
+        self.code = code
 
 
 def problem_response(
@@ -55,6 +79,28 @@ def problem_response(
 ) -> JSONResponse:
     body = Problem(title=HTTPStatus(status).phrase, status=status, detail=detail, errors=list(errors))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers, media_type=MEDIA_TYPE)
+
+
+def openai_route(request: Request) -> bool:
+    """Whether the request is to an OpenAI-compatible route, whose errors take OpenAI's shape."""
+    path = request.url.path
+    return path.startswith("/v1/chat/") or path == "/v1/models" or path.startswith("/v1/models/")
+
+
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def openai_error_response(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _path(loc: Iterable[int | str]) -> str:
@@ -93,31 +139,56 @@ def _database_problem(exc: DBAPIError, settings: Settings) -> JSONResponse:
     return problem_response(500, "internal error; the server log has the details")
 
 
+def _answer(request: Request, problem: ProblemError) -> JSONResponse:
+    """The problem in the shape the route's clients read."""
+    if openai_route(request):
+        return openai_error_response(
+            problem.status, problem.detail, param=problem.param, code=problem.code, headers=problem.headers
+        )
+    return problem_response(problem.status, problem.detail, problem.errors, problem.headers)
+
+
+def _first_field(exc: RequestValidationError) -> str | None:
+    """The path of the first field at fault (`messages[0].role`), as OpenAI's `param` names it."""
+    for error in exc.errors():
+        loc = [part for part in error["loc"] if part != "body"]
+        if loc:
+            return _path(loc)
+    return None
+
+
 def install_handlers(app: FastAPI, settings: Settings) -> None:
-    async def on_problem(_: Request, exc: Exception) -> JSONResponse:
+    async def on_problem(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ProblemError)
-        return problem_response(exc.status, exc.detail, exc.errors, exc.headers)
+        return _answer(request, exc)
 
-    async def on_slimmoa(_: Request, exc: Exception) -> JSONResponse:
+    async def on_slimmoa(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, SlimMoAError)
-        return problem_response(exc.status, str(exc), [str(exc)])
+        return _answer(request, ProblemError(exc.status, str(exc), [str(exc)]))
 
-    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
-        return problem_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        return _answer(request, ProblemError(exc.status_code, str(exc.detail), headers=headers))
 
-    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         problem = validation_problem(exc)
+        if openai_route(request):
+            return openai_error_response(400, problem.detail, param=_first_field(exc))
         return problem_response(problem.status, problem.detail, problem.errors)
 
-    async def on_database(_: Request, exc: Exception) -> JSONResponse:
+    async def on_database(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, DBAPIError)
-        return await run_in_threadpool(_database_problem, exc, settings)
+        answer = await run_in_threadpool(_database_problem, exc, settings)
+        if openai_route(request):
+            detail = json.loads(bytes(answer.body))["detail"]
+            return openai_error_response(answer.status_code, detail)
+        return answer
 
-    async def on_error(_: Request, exc: Exception) -> JSONResponse:
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return problem_response(500, "internal error; the server log has the details")
+        return _answer(request, ProblemError(500, "internal error; the server log has the details"))
 
     app.add_exception_handler(ProblemError, on_problem)
     app.add_exception_handler(SlimMoAError, on_slimmoa)

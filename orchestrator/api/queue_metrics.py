@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from db.residency import active_jobs
 from db.session import session_scope
 from orchestrator.recipes import Recipe
-from orchestrator.routing import model_queues
+from orchestrator.routing import model_queues, queue_depths
 from orchestrator.settings import Settings, get_settings
 
 __all__ = ["QueueDepth"]
@@ -56,13 +56,10 @@ class QueueDepth(Collector):
         if client is None:
             client = self._clients[settings.redis_url] = redis.Redis.from_url(settings.redis_url)
         try:
-            pipe = client.pipeline(transaction=False)
-            for queue in queues:
-                pipe.llen(queue)
-            lengths = pipe.execute()
+            depths = queue_depths(client, queues)
         except redis.RedisError as exc:  # the scrape still answers; /healthz says Redis is down
             log.warning("queue depth: Redis did not answer: %s", exc)
             return
-        for queue, length in zip(queues, lengths, strict=True):
-            family.add_metric([queue], length)
+        for queue in queues:
+            family.add_metric([queue], sum(depths[queue]))
         yield family
