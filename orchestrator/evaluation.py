@@ -26,6 +26,7 @@ from db.session import session_scope
 from orchestrator.celery_app import TASK_JUDGE, app
 from orchestrator.errors import EvaluationError
 from orchestrator.judging import JudgeSpec, shows_model_first
+from orchestrator.routing import BULK_PRIORITY
 from orchestrator.winrate import fit_length_controlled, win_rate
 
 __all__ = [
@@ -184,7 +185,8 @@ def start_evaluation(
 def enqueue_judgments(judgment_ids: list[int]) -> None:
     """Send one judge task per judgment; call only after the evaluation's transaction committed."""
     for judgment_id in judgment_ids:
-        app.send_task(TASK_JUDGE, args=(judgment_id,))
+        # Judging is bulk work: chat stages go first (an unmarked message would go to the top step).
+        app.send_task(TASK_JUDGE, args=(judgment_id,), priority=BULK_PRIORITY)
 
 
 # Output-length buckets (characters) of the comparison: AlpacaEval outputs run from a line to pages.

@@ -36,7 +36,7 @@ from orchestrator.celery_app import (
 from orchestrator.contracts import RetryResult, RetryStage
 from orchestrator.errors import JobNotFound, NotRetryable
 from orchestrator.recipes import Recipe
-from orchestrator.routing import stage_priority
+from orchestrator.routing import BULK_PRIORITY, stage_priority
 from orchestrator.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def _resend_judgments(database_url: str, judgments: list[int], in_flight: set[St
     """Send again the judge tasks of pending judgments that are neither queued nor running."""
     lost = [j for j in judgments if (TASK_JUDGE, j, -1, -1, -1) not in in_flight]
     for judgment_id in lost:
-        app.send_task(TASK_JUDGE, args=(judgment_id,))
+        app.send_task(TASK_JUDGE, args=(judgment_id,), priority=BULK_PRIORITY)
     with session_scope(database_url) as session:
         evaluations.mark_judgments_dispatched(session, lost)
     return len(lost)

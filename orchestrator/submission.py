@@ -25,6 +25,7 @@ from orchestrator.celery_app import TASK_DISPATCH, app
 from orchestrator.contracts import InputRecord
 from orchestrator.errors import InputError, InvalidInput
 from orchestrator.recipes import Recipe
+from orchestrator.routing import BULK_PRIORITY
 
 __all__ = ["Submission", "Submitted", "enqueue_job", "store_job", "submit_job"]
 
@@ -129,4 +130,4 @@ def enqueue_job(job_id: str) -> None:
     """Send the job's dispatch task; call only after the job's transaction committed."""
     # Nothing waits for its result: no subscription to the result backend (one more connection that
     # could fail) is made for it.
-    app.send_task(TASK_DISPATCH, args=(job_id,), ignore_result=True)
+    app.send_task(TASK_DISPATCH, args=(job_id,), ignore_result=True, priority=BULK_PRIORITY)

@@ -107,7 +107,7 @@ def test_a_json_list_element_may_span_many_lines() -> None:
         (["instruction"], "--field 'instruction': expected FIELD=COLUMN, such as instruction=prompt"),
         (
             ["text=prompt"],
-            "--field: unknown field 'text' (fields: instruction, id, dataset, system, messages)",
+            "--field: unknown field 'text' (fields: instruction, id, dataset, system, messages, turns)",
         ),
         (["id=uid", "id=question_id"], "--field: id is mapped twice ('uid', 'question_id')"),
     ],
@@ -262,7 +262,7 @@ def test_a_bad_upload_is_422_naming_the_place_and_stores_nothing(
         ),
         (
             {"items": ARENA, "fields": {"text": "prompt"}},
-            "fields: unknown field 'text' (fields: instruction, id, dataset, system, messages)",
+            "fields: unknown field 'text' (fields: instruction, id, dataset, system, messages, turns)",
         ),
         ({"items": ARENA, "fields": {"instruction": ""}}, "fields.instruction: expected a column name"),
         ({"items": ARENA}, "items[0].instruction: is required"),

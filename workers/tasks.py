@@ -71,17 +71,19 @@ class _Stage:
 
     @classmethod
     def of(cls, item: stages.StageRead, references: list[str], turn: int = 0) -> _Stage:
+        instruction = item.instruction
         if item.turns is not None:
             answers = {answer.turn: answer.text for answer in item.answers}
+            instruction = item.turns[turn]
             history = [
                 ChatMessage(role=role, content=text)
                 for earlier in range(turn)
                 for role, text in (("user", item.turns[earlier]), ("assistant", answers[earlier]))
             ]
-            return cls(item.job_id, item.turns[turn], item.system, references, history)
-        messages = [ChatMessage.model_validate(m) for m in (item.messages or [])[:-1]]
-        history = [message for message in messages if message.role != "system"]
-        return cls(item.job_id, item.instruction, item.system, references, history)
+        else:
+            messages = [ChatMessage.model_validate(m) for m in (item.messages or [])[:-1]]
+            history = [message for message in messages if message.role != "system"]
+        return cls(item.job_id, instruction, item.system, references, history)
 
 
 # What a record keeps of a generation.

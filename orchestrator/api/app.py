@@ -18,7 +18,8 @@ from orchestrator.api import chat, health, jobs, recipes
 from orchestrator.api.bodies import JobCreate, JobUpload, Problem
 from orchestrator.api.deps import require_token
 from orchestrator.api.metrics import RequestMetrics, metrics_router
-from orchestrator.api.problems import install_handlers, problem_response
+from orchestrator.api.openai_bodies import OpenAIError
+from orchestrator.api.problems import install_handlers, openai_error_response, openai_path, problem_response
 from orchestrator.settings import Settings, get_settings
 
 __all__ = ["create_app"]
@@ -67,21 +68,31 @@ class BodySizeLimit:
             await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = problem_response(413, f"the request body exceeds {self.limit} bytes")
+        detail = f"the request body exceeds {self.limit} bytes"
+        if openai_path(scope["path"]):
+            response = openai_error_response(413, detail)
+        else:
+            response = problem_response(413, detail)
         await response(scope, receive, send)
 
 
 def _document_problems(schema: dict[str, Any]) -> None:
-    """Every error answer is a Problem: 401 and 422 on every /v1 route, 400 and 413 where a body is read."""
+    """Every error answer is a Problem: 401 and 422 on every /v1 route, 400 and 413 where a body is read.
+    The OpenAI-compatible routes answer OpenAI's error object instead, and a bad field is a 400 there."""
     problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    openai = {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}}
     for path, operations in schema["paths"].items():
         for operation in operations.values():
             responses = operation["responses"]
             codes = {"422"} | ({"401"} if path.startswith("/v1/") else set())
             codes |= {"400", "413"} if "requestBody" in operation else set()
+            if openai_path(path):
+                responses.pop("422", None)
+                codes = (codes - {"422"}) | {"400"}
             for code in codes | {c for c in responses if c.startswith(("4", "5")) and c != "503"}:
                 description = responses.get(code, {}).get("description") or HTTPStatus(int(code)).phrase
-                responses[code] = {"description": description, "content": problem}
+                content = openai if openai_path(path) else problem
+                responses[code] = {"description": description, "content": content}
     for unused in ("HTTPValidationError", "ValidationError"):
         schema["components"]["schemas"].pop(unused, None)
 
@@ -93,7 +104,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             title=app.title, version=app.version, routes=app.routes, description=app.description
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (JobCreate, JobUpload, Problem):
+        for model in (JobCreate, JobUpload, Problem, OpenAIError):
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body

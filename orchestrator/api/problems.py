@@ -41,6 +41,7 @@ __all__ = [
     "field_errors",
     "install_handlers",
     "openai_error_response",
+    "openai_path",
     "openai_route",
     "problem_response",
     "validation_problem",
@@ -81,10 +82,13 @@ def problem_response(
     return JSONResponse(body.model_dump(), status_code=status, headers=headers, media_type=MEDIA_TYPE)
 
 
-def openai_route(request: Request) -> bool:
-    """Whether the request is to an OpenAI-compatible route, whose errors take OpenAI's shape."""
-    path = request.url.path
+def openai_path(path: str) -> bool:
+    """Whether a path is an OpenAI-compatible route's, whose errors take OpenAI's shape."""
     return path.startswith("/v1/chat/") or path == "/v1/models" or path.startswith("/v1/models/")
+
+
+def openai_route(request: Request) -> bool:
+    return openai_path(request.url.path)
 
 
 _OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
