@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import ValidationError
 from sqlalchemy import select
 
@@ -28,9 +31,10 @@ from orchestrator.exports import ExportFormat, open_export
 from orchestrator.planning import plan_memory
 from orchestrator.prompts import build_stage_prompt, step_references, step_windows
 from orchestrator.recipes import Recipe
+from orchestrator.recovery import retry_job
 from orchestrator.submission import enqueue_job
-from tests.conftest import recipe_from_yaml, sample_records, store, submit, wait_for_job
-from tests.killable import finish_with_sweeps, retry_aggregators, run_with_flaky_model
+from tests.conftest import recipe_from_yaml, run_cli, sample_records, store, submit, wait_for_job
+from tests.killable import fault_env, finish_with_sweeps, retry_aggregators, run_with_flaky_model
 from tests.test_pipeline import job_rows
 from workers.engines import ChatRequest
 from workers.engines.synthetic import WordTokenizer, prompt_digest
@@ -293,3 +297,61 @@ def test_a_retry_resumes_a_failed_aggregation_at_its_failed_step(
     # A turn whose aggregator failed gets its aggregator alone: its pool is complete.
     retry_aggregators(database_url, worker_factory, job_id, failed)
     assert_resumed_at_the_missing_step(database_url, job_id, chosen, before, 12)
+
+
+def test_a_retry_that_regenerates_candidates_redoes_the_steps(database_url: str, worker_factory: Any) -> None:
+    chosen = recipe("sequential", "redo-agg")
+    flaky = worker_factory(fault_env({"seq-a": {"error_rate": 0.3}}, retries=0))
+    flaky.start()
+    job_id = store(database_url, chosen, sample_records(8))
+    enqueue_job(job_id)
+    job, _ = finish_with_sweeps(database_url, job_id)
+    flaky.stop()
+    assert job.items_degraded > 0 and job.items_failed == 0
+    degraded = step_rows(database_url, job_id)
+
+    worker_factory().start()
+    with session_scope(database_url) as session:
+        result = retry_job(session, job_id)
+    assert len(result.proposer_items) == job.items_degraded and result.aggregator_items == []
+    job, _ = finish_with_sweeps(database_url, job_id)
+    assert job.status == "succeeded" and job.items_succeeded == 8
+    # The steps over the short pools were dropped: the new ones read the whole pool.
+    after = step_rows(database_url, job_id)
+    assert {key for key in degraded if key[0] in result.proposer_items}.isdisjoint(
+        {key for key, row in after.items() if row == degraded.get(key)}
+    )
+    for item, candidates, output in job_rows(database_url, job_id):
+        assert_steps_read_every_candidate_whole(chosen, item, candidates, output)
+
+
+def test_slimmoa_run_records_the_steps_and_plan_counts_the_passes(tmp_path: Path) -> None:
+    data = recipe("sequential", "run-agg").model_dump(mode="json")
+    for model in data["models"].values():
+        model["memory_gb"] = 1
+    (tmp_path / "sequential.yaml").write_text(yaml.safe_dump(data))
+    records = sample_records(2)
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(r.model_dump_json(exclude_none=True) + "\n" for r in records)
+    )
+    # The embedded mode: a private Redis and ./slimmoa.db (SQLite).
+    result = run_cli(tmp_path, "prompts.jsonl", "-o", "out.jsonl", "--recipe", "sequential.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    outputs = [json.loads(line)["output"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    pools = [json.loads(line) for line in (tmp_path / "out.pools.jsonl").read_text().splitlines()]
+    for pool, output in zip(pools, outputs, strict=True):
+        assert [c["layer"] for c in pool["candidates"]] == [0] * 6
+        assert [(s["step"], s["model"], s["output_tokens"]) for s in pool["steps"]] == [
+            (0, "run-agg", 40),
+            (1, "run-agg", 40),
+        ]
+        assert pool["output"] == output and output.startswith("run-agg:")
+
+    plan = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "plan", str(tmp_path / "sequential.yaml")],
+        capture_output=True,
+        text=True,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
+    assert plan.returncode == 0, plan.stderr
+    assert "aggregator passes per item: 3 (sequential, 2 candidates a step" in plan.stdout
