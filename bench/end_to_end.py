@@ -43,12 +43,12 @@ DEPLOYED_CONCURRENCY = 16
 FINAL = {"succeeded", "partial", "failed", "cancelled"}
 
 
-def _embedded() -> dict[str, Any]:
+def embedded_recipe() -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load((ROOT / "recipes" / "embedded.yaml").read_text())
     return data
 
 
-def _stand_in(spec: dict[str, Any]) -> dict[str, Any]:
+def stand_in(spec: dict[str, Any]) -> dict[str, Any]:
     """A synthetic model with the same memory and context; every answer runs to max_tokens."""
     keep = {key: spec[key] for key in ("memory_gb", "context_length") if key in spec}
     return {"engine": "synthetic", "latency_ms": SYNTHETIC_LATENCY_MS, "output_tokens": 1_000_000} | keep
@@ -56,9 +56,9 @@ def _stand_in(spec: dict[str, Any]) -> dict[str, Any]:
 
 def bench_recipes(synthetic: bool) -> dict[str, dict[str, Any]]:
     """The two recipes as recipe objects (what (b) POSTs)."""
-    embedded = _embedded()
+    embedded = embedded_recipe()
     smollm2 = embedded["models"]["smollm2"]
-    model = _stand_in(smollm2) if synthetic else smollm2
+    model = stand_in(smollm2) if synthetic else smollm2
     fits = copy.deepcopy(embedded) | {"name": "e2e-fits", "models": {"smollm2": model}}
     slots = embedded["layers"][0]["proposers"]
     swaps = {

@@ -9,7 +9,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import FINAL_JOB_STATUSES, Candidate, Item, ItemStatus, Job, JobStatus, Output, utcnow
-from db.rows import JobCounts
+from db.rows import JobCounts, steps_layer
 
 __all__ = [
     "cancel_job",
@@ -54,8 +54,9 @@ def list_items(
 
 
 def job_counts(session: Session, job_id: str) -> JobCounts:
-    """Count a job's rows per stage and status with three aggregate queries (and find the latest
-    failure when there is one)."""
+    """Count a job's rows per stage and status with a few aggregate queries (and find the latest
+    failure when there is one). A sequential aggregator's steps are counted apart from the proposers'
+    candidates; their tokens count with everything else."""
     items = dict(
         session.execute(select(Item.status, func.count()).where(Item.job_id == job_id).group_by(Item.status))
         .tuples()
@@ -76,6 +77,8 @@ def job_counts(session: Session, job_id: str) -> JobCounts:
         .group_by(Candidate.turn, Candidate.layer)
     ).all()
     failures = sum(row[3] for row in layers)
+    recipe = session.scalar(select(Job.recipe).where(Job.id == job_id))
+    step_layer = steps_layer(recipe) if recipe is not None else None
     answers: Sequence[Any] = session.execute(
         select(
             Output.turn,
@@ -97,13 +100,14 @@ def job_counts(session: Session, job_id: str) -> JobCounts:
             reaching[turn] = reaching.get(turn, 0) + count
     return JobCounts(
         items=items,
-        candidates={(turn, layer): (ok, bad) for turn, layer, ok, bad, _, _ in layers},
+        candidates={(turn, layer): (ok, bad) for turn, layer, ok, bad, _, _ in layers if layer != step_layer},
         outputs=sum(row[2] for row in answers),
         prompt_tokens=sum(row[3] for row in answers) + sum(row[4] for row in layers),
         output_tokens=sum(row[4] for row in answers) + sum(row[5] for row in layers),
         latest_error=latest_error(session, job_id) if items.get(ItemStatus.FAILED) or failures else None,
         answers={turn: count for turn, count, *_ in answers},
         items_per_turn=reaching,
+        steps={turn: ok for turn, layer, ok, *_ in layers if layer == step_layer},
     )
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from db.models import ITEM_COUNTERS, Candidate, Item, ItemStatus, Job, JobStatus, Output, utcnow
-from db.rows import RetryPlan, StalledItem, waiting_turn
+from db.rows import RetryPlan, StalledItem, steps_layer, waiting_turn
 
 __all__ = [
     "failed_stage_items",
@@ -92,13 +92,17 @@ def stalled_items(session: Session, quiet_since: datetime, limit: int = 10_000) 
     ]
 
 
-def reopen_items(session: Session, job_id: str, from_turns: Mapping[int, int]) -> int:
+def reopen_items(
+    session: Session, job_id: str, from_turns: Mapping[int, int], *, pool_reruns: bool = False
+) -> int:
     """Move finished items back to pending at a turn (item id -> turn) and uncount them on the job;
     returns how many moved.
 
     The outputs of that turn and later ones are dropped, and so are the candidates of later turns:
     they answered a conversation that the re-run turn changes. The turn's own finished candidates
-    are kept: the re-run stages find them and return without generating.
+    are kept: the re-run stages find them and return without generating. With `pool_reruns` (the
+    turn's failed candidates generate again) the turn's sequential aggregation steps are dropped too:
+    they read the old pool. Otherwise they are kept, and the aggregator resumes at the missing step.
     """
     if not from_turns:
         return 0
@@ -115,6 +119,10 @@ def reopen_items(session: Session, job_id: str, from_turns: Mapping[int, int]) -
         at_turn = [item_id for item_id in ids if from_turns[item_id] == turn]
         session.execute(delete(Output).where(Output.item_id.in_(at_turn), Output.turn >= turn))
         session.execute(delete(Candidate).where(Candidate.item_id.in_(at_turn), Candidate.turn > turn))
+        if pool_reruns:
+            step_layer = steps_layer(session.get_one(Job, job_id).recipe)
+            steps = (Candidate.turn == turn, Candidate.layer == step_layer)
+            session.execute(delete(Candidate).where(Candidate.item_id.in_(at_turn), *steps))
     session.execute(
         update(Item)
         .where(Item.id.in_(ids))

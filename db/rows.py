@@ -6,7 +6,7 @@ without importing each other.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -20,6 +20,7 @@ __all__ = [
     "RetryPlan",
     "StalledItem",
     "dialect_insert",
+    "steps_layer",
     "waiting_turn",
 ]
 
@@ -68,6 +69,8 @@ class JobCounts:
     # turn -> aggregated answers stored for it, and items that have the turn (all have turn 0).
     answers: dict[int, int] = field(default_factory=dict)
     items_per_turn: dict[int, int] = field(default_factory=dict)
+    # turn -> intermediate steps stored by sequential aggregators (not proposer candidates).
+    steps: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,12 @@ class RetryPlan:
 def waiting_turn(answered: Collection[int], last_turn: int) -> int:
     """The turn an item is at: its first turn without an output (the last when all have one)."""
     return next((turn for turn in range(last_turn + 1) if turn not in answered), last_turn)
+
+
+def steps_layer(recipe: Mapping[str, Any]) -> int:
+    """The layer a stored recipe's sequential aggregator keeps its intermediate steps under: the one
+    after its last proposer layer (slot = step). Those rows are the aggregator's, not candidates."""
+    return len(recipe["layers"])
 
 
 def dialect_insert(dialect: str, table: Any) -> Any:

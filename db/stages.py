@@ -36,6 +36,7 @@ __all__ = [
     "read_pools",
     "read_proposer",
     "record_candidate",
+    "record_step",
     "record_turn_output",
 ]
 
@@ -218,6 +219,21 @@ def record_candidate(
         return int(written[0][0])
     # The slot was already finished (a redelivered task): keep that row and return its id.
     return int(db.rows(_CANDIDATE_ID, key)[0][0])
+
+
+_CANDIDATE_TEXT = select(Candidate.text).where(*(getattr(Candidate, key) == bindparam(key) for key in _KEY))
+
+
+def record_step(
+    db: StageConnection, item_id: int, turn: int, layer: int, step: int, record: GenerationRecord
+) -> str:
+    """Store an intermediate step of a sequential aggregation (a candidate row of the steps' `layer`,
+    slot = step) once, and return the text stored: a duplicate aggregator that stored the step first
+    wins, and the next step reads that text."""
+    assert record.text is not None
+    record_candidate(db, item_id, layer, step, record, turn)
+    key = {"item_id": item_id, "turn": turn, "layer": layer, "slot": step}
+    return str(db.rows(_CANDIDATE_TEXT, key)[0][0])
 
 
 # What an output stores of its generation record.

@@ -10,13 +10,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Candidate, EngineLoad, Item, Job, Output
+from db.rows import steps_layer
 
 __all__ = ["GenerationRow", "JobTimelineRows", "LoadRow", "job_timeline_rows"]
 
 
 @dataclass(frozen=True)
 class GenerationRow:
-    """One stored generation: `layer` is None for the aggregator's output."""
+    """One stored generation: `layer` is None for the aggregator's (its output, or a step of a
+    sequential aggregation)."""
 
     model: str
     layer: int | None
@@ -78,8 +80,9 @@ def job_timeline_rows(session: Session, job_id: str) -> JobTimelineRows | None:
         .join(Item, Item.id == Output.item_id)
         .where(Item.job_id == job_id)
     ).tuples()
+    step_layer = steps_layer(job.recipe)
     rows: list[tuple[str, int | None, datetime | None, datetime, int | None, bool]] = [
-        (model, layer, start, end, tokens, error is None)
+        (model, None if layer == step_layer else layer, start, end, tokens, error is None)
         for model, layer, start, end, tokens, error in candidates
     ]
     rows += [(model, None, start, end, tokens, True) for model, start, end, tokens in outputs]

@@ -124,6 +124,7 @@ class TruncationRecord(BaseModel):
     budget_tokens: int = Field(description="Tokens left for the numbered candidates.")
     original_tokens: list[int]
     kept_tokens: list[int]
+    step: int | None = Field(default=None, description="The step of a sequential aggregation that was cut.")
 
 
 class RetryStage(enum.StrEnum):

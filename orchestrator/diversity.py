@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from db.progress import get_job
 from db.results import job_outputs
+from db.rows import steps_layer
 from db.session import session_scope
 from orchestrator.errors import JobNotFound
 
@@ -108,12 +109,15 @@ def job_diversity(database_url: str, job_id: str, embedder: Embedder = embed) ->
     """Diversity of every pool of a job (each item and layer), and per pair of proposer slots."""
     pools: list[Pool] = []
     with session_scope(database_url) as session:
-        if get_job(session, job_id) is None:
+        job = get_job(session, job_id)
+        if job is None:
             raise JobNotFound(f"job {job_id}: not found")
+        # A sequential aggregator's steps are stored past the proposers' layers: not a pool.
+        proposer_layers = steps_layer(job.recipe)
         for item, _ in job_outputs(session, job_id, with_pools=True):
             by_layer: dict[int, list[tuple[int, str, str]]] = defaultdict(list)
             for candidate in item.candidates:
-                if candidate.ok and candidate.text is not None:
+                if candidate.ok and candidate.text is not None and candidate.layer < proposer_layers:
                     by_layer[candidate.layer].append((candidate.slot, candidate.model, candidate.text))
             pools.extend((item.id, layer, pool) for layer, pool in sorted(by_layer.items()))
     return _measure(job_id, pools, embedder)

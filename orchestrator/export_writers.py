@@ -30,6 +30,7 @@ __all__ = [
     "pools_lines",
     "preference_lines",
     "sft_lines",
+    "step_records",
 ]
 
 Rows = Iterator[tuple[Item, Output | None]]
@@ -154,18 +155,40 @@ def alpaca_eval_lines(rows: Rows, context: ExportContext) -> Iterator[str]:
     yield "\n]\n"
 
 
-def pool_records(item: Item) -> list[dict[str, Any]]:
+def pool_records(item: Item, final_layer: int) -> list[dict[str, Any]]:
+    """The item's proposer candidates, every turn and layer up to `final_layer`."""
     return [
         {"turn": c.turn, "layer": c.layer, "slot": c.slot, "model": c.model, "text": c.text, "error": c.error}
         for c in item.candidates
+        if c.layer <= final_layer
+    ]
+
+
+def step_records(item: Item, final_layer: int) -> list[dict[str, Any]]:
+    """The intermediate steps of the item's sequential aggregations (stored past `final_layer`), per
+    turn in step order, with what each cost."""
+    return [
+        {
+            "turn": c.turn,
+            "step": c.slot,
+            "model": c.model,
+            "text": c.text,
+            "prompt_tokens": c.prompt_tokens,
+            "output_tokens": c.output_tokens,
+            "latency_ms": c.latency_ms,
+        }
+        for c in item.candidates
+        if c.layer > final_layer
     ]
 
 
 def pools_lines(rows: Rows, context: ExportContext) -> Iterator[str]:
     """Every finished item with its whole candidate pool (per turn, layer and slot), its status and
-    output (and, for a multi-turn item, its turns and every turn's output)."""
+    output (and, for a multi-turn item, its turns and every turn's output; for a sequential
+    aggregation, its intermediate steps)."""
     for item, output in rows:
         messages = conversation(item)
+        steps = step_records(item, context.final_layer)
         record = {
             "id": item_id(item),
             "instruction": item.instruction,
@@ -173,7 +196,8 @@ def pools_lines(rows: Rows, context: ExportContext) -> Iterator[str]:
             **({"turns": item.turns, "outputs": _turn_answers(item)} if item.turns is not None else {}),
             "status": item.status,
             "error": item.error,
-            "candidates": pool_records(item),
+            "candidates": pool_records(item, context.final_layer),
+            **({"steps": steps} if steps else {}),
             "output": output.text if output else None,
             "truncation": item.truncation,
         }

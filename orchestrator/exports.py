@@ -201,7 +201,7 @@ def parquet_chunks(rows: Rows, context: ExportContext) -> Iterator[bytes]:
                 "dataset": item.dataset,
                 "output": output.text,
                 "status": item.status,
-                "candidates": pool_records(item),
+                "candidates": pool_records(item, context.final_layer),
             }
             for item, output in page
             if output is not None

@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from orchestrator.prompts import step_windows
 from orchestrator.recipes import Architecture, Recipe
 
 __all__ = [
     "BLOCK_TOKENS",
+    "aggregator_passes",
     "architecture_from_config",
     "kv_bytes_per_token",
     "kv_tokens",
@@ -58,20 +60,33 @@ def kv_tokens(kv_gb: float, bytes_per_token: int) -> int:
     return max(blocks, 0) * BLOCK_TOKENS
 
 
+def aggregator_passes(recipe: Recipe) -> list[int]:
+    """The pool tokens each aggregator pass of an item reads, as the plan counts them (every candidate
+    at its max_tokens): one pass over the whole pool, or one per step of a sequential aggregation, a
+    step after the first also reading the running synthesis. `auto` steps when the pool overflows."""
+    aggregator = recipe.aggregator
+    pool = [slot.sampling.max_tokens for slot in recipe.slots(len(recipe.layers) - 1)]
+    room = recipe.model(aggregator.model).context_length - aggregator.sampling.max_tokens
+    overflows = INSTRUCTION_TOKENS + REFERENCES_PROMPT_TOKENS + sum(pool) > room
+    if aggregator.mode == "single" or (aggregator.mode == "auto" and not overflows):
+        return [sum(pool)]
+    windows = step_windows(len(pool), aggregator.window)
+    synthesis = aggregator.sampling.max_tokens
+    return [sum(pool[i] for i in window) + (synthesis if step else 0) for step, window in enumerate(windows)]
+
+
 def sequence_tokens(recipe: Recipe, model: str) -> int:
     """The longest sequence a model's stages make: the instruction, the pool it reads (later layers
-    and the aggregator) and its new tokens, at most its context length."""
+    and the aggregator, whose longest pass counts) and its new tokens, at most its context length."""
     longest = 0
-    stages = [
-        (layer, slot.model, slot.sampling.max_tokens)
-        for layer in range(len(recipe.layers))
-        for slot in recipe.slots(layer)
-    ]
-    stages.append((len(recipe.layers), recipe.aggregator.model, recipe.aggregator.sampling.max_tokens))
-    for layer, name, max_tokens in stages:
-        if name != model:
-            continue
-        pool = sum(slot.sampling.max_tokens for slot in recipe.slots(layer - 1)) if layer else 0
-        prompt = INSTRUCTION_TOKENS + (REFERENCES_PROMPT_TOKENS + pool if pool else 0)
-        longest = max(longest, prompt + max_tokens)
+    for layer in range(len(recipe.layers)):
+        for slot in recipe.slots(layer):
+            if slot.model != model:
+                continue
+            pool = sum(earlier.sampling.max_tokens for earlier in recipe.slots(layer - 1)) if layer else 0
+            prompt = INSTRUCTION_TOKENS + (REFERENCES_PROMPT_TOKENS + pool if pool else 0)
+            longest = max(longest, prompt + slot.sampling.max_tokens)
+    if recipe.aggregator.model == model:
+        prompt = INSTRUCTION_TOKENS + REFERENCES_PROMPT_TOKENS + max(aggregator_passes(recipe))
+        longest = max(longest, prompt + recipe.aggregator.sampling.max_tokens)
     return min(longest, recipe.model(model).context_length)

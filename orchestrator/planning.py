@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from orchestrator.kv_cache import kv_bytes_per_token, kv_tokens, sequence_tokens
+from orchestrator.kv_cache import aggregator_passes, kv_bytes_per_token, kv_tokens, sequence_tokens
 from orchestrator.recipes import Recipe, VllmModel
 
 __all__ = ["CUDA_CONTEXT_GB", "FEW_SEQUENCES", "MemoryPlan", "ModelPlan", "plan_memory"]
@@ -64,6 +64,9 @@ class MemoryPlan(BaseModel):
     context_gb: float = 0.0
     # Device memory at the plan's peak with the planned KV caches and every engine's context.
     peak_gb: float = 0.0
+    # Aggregator generations per item (per turn): more than one for a sequential aggregation, whose
+    # steps run one after the other on the model loaded for the first.
+    aggregator_passes: int = 1
 
     @property
     def total_loads(self) -> int:
@@ -182,6 +185,7 @@ def plan_memory(recipe: Recipe, budget_gb: float, *, context_gb: float = 0.0) ->
         loads=loads,
         context_gb=context_gb,
         peak_gb=peak + sum(context.values()),
+        aggregator_passes=len(aggregator_passes(recipe)),
     )
 
 

@@ -7,6 +7,11 @@ system role (Gemma-2). Proposers of layer k > 1 receive the layer k-1 pool the s
 A conversation (a chat record) is its earlier turns (`history`) and the user turn to answer (the
 instruction): every stage sees the whole conversation, and without a system role the pool goes into
 the turn to answer, the user's own system prompt into the first turn.
+
+Sequential aggregation (Self-MoA's sequential variant) reads the pool in windows: step 0 numbers the
+first window's candidates, every later step numbers the running synthesis as response 1 and then its
+window's candidates. The synthesis is one of the responses, so the aggregator prompt stays Together
+MoA's, unchanged, and each step's prompt is built (and, if need be, cut) like any other.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ __all__ = [
     "aggregator_prompt",
     "build_stage_prompt",
     "fit_references",
+    "step_references",
+    "step_windows",
     "supports_system_role",
 ]
 
@@ -150,6 +157,19 @@ def build_stage_prompt(
     else:
         messages.insert(0, ChatMessage(role="system", content=block))
     return StagePrompt(messages if system_supported else _merge_system(messages), truncation)
+
+
+def step_windows(count: int, window: int) -> list[range]:
+    """The pool positions each step of a sequential aggregation reads: `window` candidates a step, in
+    slot order, every candidate in exactly one step (one step for an empty pool)."""
+    return [range(start, min(start + window, count)) for start in range(0, count, window)] or [range(0)]
+
+
+def step_references(references: list[str], window: int, step: int, synthesis: str | None) -> list[str]:
+    """The responses a sequential step numbers: the running synthesis (the previous step's output) as
+    response 1 from step 1 on, then the step's window of candidates."""
+    chosen = [references[i] for i in step_windows(len(references), window)[step]]
+    return chosen if step == 0 or synthesis is None else [synthesis, *chosen]
 
 
 def _merge_system(messages: list[ChatMessage]) -> list[ChatMessage]:

@@ -20,6 +20,7 @@ __all__ = [
     "EMBEDDED_MODELS",
     "EMBEDDED_PREFIX",
     "MODEL_NAME",
+    "AggregationMode",
     "AggregatorSpec",
     "Architecture",
     "LayerSpec",
@@ -39,6 +40,9 @@ __all__ = [
 ]
 
 SystemRole = Literal["auto", "supported", "merge"]
+# How the aggregator reads its pool: all at once (cut fairly to its context), in windows with a running
+# synthesis (Self-MoA's sequential aggregation), or in windows only when the whole pool does not fit.
+AggregationMode = Literal["single", "sequential", "auto"]
 
 # Models that ship inside a Python package: `weights: embedded:NAME` -> (package, file in it).
 EMBEDDED_PREFIX = "embedded:"
@@ -154,6 +158,13 @@ class LayerSpec(_Strict):
 class AggregatorSpec(_Strict):
     model: str
     sampling: SamplingSpec = SamplingSpec(temperature=0.5, max_tokens=4096)
+    mode: AggregationMode = Field(
+        default="single",
+        description="single: the whole pool in one prompt, cut fairly to the context; sequential: "
+        "`window` candidates a step, each step after the first also reading the running synthesis; "
+        "auto: sequential only when the whole pool does not fit the aggregator's context.",
+    )
+    window: int = Field(default=2, ge=2, le=64, description="Candidates a sequential step reads.")
 
 
 class Slot(_Strict):

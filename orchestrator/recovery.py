@@ -2,7 +2,7 @@
 
 A retry reopens only items with a failed stage and reuses every finished candidate: proposer tasks
 find their rows and return, so only failed slots generate again. An item whose aggregator failed on
-a complete pool gets the aggregator alone.
+a complete pool gets the aggregator alone (a sequential one resumes at its first missing step).
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def retry_job(
     plan = recovery.failed_stage_items(session, job_id, item_ids)
     canvas = plan.canvas if stage != RetryStage.AGGREGATOR else {}
     aggregator = plan.aggregator_only if stage != RetryStage.PROPOSERS else {}
-    reopened = recovery.reopen_items(session, job_id, canvas | aggregator)
+    reopened = recovery.reopen_items(session, job_id, canvas, pool_reruns=True)
+    reopened += recovery.reopen_items(session, job_id, aggregator)
     recovery.mark_items_dispatched(session, [*canvas, *aggregator])
     recipe = Recipe.model_validate(job.recipe)
     priority = stage_priority(job.kind, job.priority)

@@ -13,15 +13,28 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
 from db import progress
-from db.models import FINAL_JOB_STATUSES
+from db.models import FINAL_JOB_STATUSES, Item
 from db.session import session_scope
 from orchestrator.celery_app import app as celery_app
 from orchestrator.celery_app import configure
-from orchestrator.recovery import sweep
+from orchestrator.contracts import InputRecord
+from orchestrator.recipes import Recipe
+from orchestrator.recovery import retry_job, sweep
 from orchestrator.settings import get_settings
+from orchestrator.submission import Submission, enqueue_job, store_job
 
-__all__ = ["Worker", "fault_env", "finish_with_sweeps", "job_state", "point_app_at"]
+__all__ = [
+    "Worker",
+    "fault_env",
+    "finish_with_sweeps",
+    "job_state",
+    "point_app_at",
+    "retry_aggregators",
+    "run_with_flaky_model",
+]
 
 
 def point_app_at(env: dict[str, str]) -> None:
@@ -99,3 +112,32 @@ def finish_with_sweeps(database_url: str, job_id: str, timeout: float = 180.0) -
         result = sweep(database_url, grace_s=1.0)
         resent += result.proposer_chords + result.layer_checks + result.aggregators
         time.sleep(1.0)
+
+
+def run_with_flaky_model(
+    database_url: str, worker_factory: Any, recipe: Recipe, records: list[InputRecord], model: str
+) -> tuple[str, dict[int, str | None]]:
+    """Run a job to its end on a worker whose `model` fails 30% of its requests, without retries;
+    returns the job id and the errors of its failed items (some must have failed)."""
+    flaky = worker_factory(fault_env({model: {"error_rate": 0.3}}, retries=0))
+    flaky.start()
+    with session_scope(database_url) as session:
+        job_id = store_job(session, Submission(recipe, records, None)).id
+    enqueue_job(job_id)
+    job, _ = finish_with_sweeps(database_url, job_id)
+    flaky.stop()
+    assert job.status in {"partial", "failed"} and job.items_failed > 0
+    with session_scope(database_url) as session:
+        failed = select(Item).where(Item.job_id == job_id, Item.status == "failed")
+        return job_id, {item.id: item.error for item in session.scalars(failed)}
+
+
+def retry_aggregators(database_url: str, worker_factory: Any, job_id: str, failed: dict[int, Any]) -> None:
+    """Retry a job whose failed items failed at their aggregator, on a healthy worker, to success: they
+    get their aggregator alone (their pools are complete)."""
+    worker_factory().start()
+    with session_scope(database_url) as session:
+        result = retry_job(session, job_id)
+    assert sorted(result.aggregator_items) == sorted(failed) and result.proposer_items == []
+    job, _ = finish_with_sweeps(database_url, job_id)
+    assert job.status == "succeeded" and job.items_failed == 0 and job.items_succeeded == job.total_items

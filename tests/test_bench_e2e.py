@@ -133,3 +133,19 @@ def test_the_peer_server_gets_the_engines_arguments() -> None:
         "--dtype",
         "float32",
     ]
+
+
+def test_sequential_bench_on_a_synthetic_engine(tmp_path: Path) -> None:
+    out = run_bench("bench.sequential", "--prompts", "2", "--synthetic", log_dir=tmp_path)
+    sides = re.findall(
+        r"\((a|b)\) \w+\s+: wall\s+[\d.]+ s; per item: ([\d.]+) aggregator passes,\s+([\d.]+) prompt "
+        r"\+\s+([\d.]+) output tokens",
+        out,
+    )
+    # Every answer runs to max_tokens (192): the sequential side writes two of them, the second
+    # reading the first's synthesis and one candidate beside the first's two.
+    assert [(side, float(passes), float(output)) for side, passes, _, output in sides] == [
+        ("a", 1.0, 192.0),
+        ("b", 2.0, 384.0),
+    ], out
+    assert re.search(r"\(b\)/\(a\)\s+: wall [\d.]+; per item: passes 2.00, .* output tokens 2.00", out), out

@@ -15,10 +15,9 @@ from db import progress
 from db.models import Candidate, Item, Output
 from db.session import session_scope
 from orchestrator.contracts import InputRecord
-from orchestrator.recovery import retry_job
 from orchestrator.submission import enqueue_job
 from tests.conftest import store
-from tests.killable import fault_env, finish_with_sweeps
+from tests.killable import finish_with_sweeps, retry_aggregators, run_with_flaky_model
 from tests.test_reliability import recipe
 
 TURNS = ["Name a prime number.", "Now name a larger one.", "And the sum of both?"]
@@ -90,32 +89,18 @@ def test_a_worker_killed_between_turns_resumes_at_the_next_turn(
 
 
 def test_a_retry_resumes_each_item_at_its_failed_turn(database_url: str, worker_factory: Any) -> None:
-    flaky = worker_factory(fault_env({"synth-agg": {"error_rate": 0.3}}, retries=0))
-    flaky.start()
-    job_id = store(database_url, recipe(0), three_turn_records(24))
-    enqueue_job(job_id)
-    job, _ = finish_with_sweeps(database_url, job_id)
-    flaky.stop()
-    assert job.status in {"partial", "failed"} and job.items_failed > 0
+    job_id, failed = run_with_flaky_model(
+        database_url, worker_factory, recipe(0), three_turn_records(24), "synth-agg"
+    )
     before = answers(database_url, job_id)
-    with session_scope(database_url) as session:
-        failed = {
-            item.id: item.error
-            for item in session.scalars(select(Item).where(Item.job_id == job_id, Item.status == "failed"))
-        }
     later = [item for item in failed if (item, 0) in before]
     assert later, "some item failed after its first turn was answered"
     for item, error in failed.items():
         answered = len({turn for answered_item, turn in before if answered_item == item})
         assert f"turn {answered + 1} of 3: aggregator" in error, error
 
-    worker_factory().start()
-    with session_scope(database_url) as session:
-        result = retry_job(session, job_id)
     # A turn whose aggregator failed gets its aggregator alone: its pool is complete.
-    assert sorted(result.aggregator_items) == sorted(failed) and result.proposer_items == []
-    job, _ = finish_with_sweeps(database_url, job_id)
-    assert job.status == "succeeded" and job.items_succeeded == 24
+    retry_aggregators(database_url, worker_factory, job_id, failed)
     after = answers(database_url, job_id)
     assert {key: after[key] for key in before} == before
     assert_every_turn_answered_once(database_url, job_id, 24)

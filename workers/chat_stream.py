@@ -7,6 +7,7 @@ the request's failure (an error record), never retried (`workers.stage_runner.at
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 
 import redis
@@ -29,9 +30,11 @@ class ChatStream:
     def __init__(self, job_id: str) -> None:
         self.writer = StreamWriter(_client(get_settings().redis_url), job_id)
         self.started = False
+        # Whether the generation under way is the answer (a sequential aggregation's drafts are not).
+        self.streaming: Callable[[], bool] = lambda: True
 
     def delta(self, text: str) -> None:
-        if text:
+        if text and self.streaming():
             self.writer.delta(text)
             self.started = True
 

@@ -8,6 +8,10 @@ A multi-turn item runs these per user turn: a turn's stages see the conversation
 turns with their aggregated answers), and the aggregator of a turn before the last stores its answer
 and sends the next turn's canvas instead of finishing the item.
 
+A sequential aggregator runs its steps in a loop within the one task, storing each step before the
+next starts (a candidate row of the steps' layer, slot = step), so a redelivered or re-sent aggregator
+resumes at the first missing step; the last step's generation is the turn's answer.
+
 Every attempt ends as exactly one of: a generation (recorded), a transient failure (retried, the
 attempt counted on the row), a permanent failure (recorded at once) — see `workers.stage_runner`.
 """
@@ -15,7 +19,8 @@ attempt counted on the row), a permanent failure (recorded at once) — see `wor
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -28,9 +33,10 @@ from db.session import statement_scope
 from orchestrator.canvas import next_turn, turn_label
 from orchestrator.celery_app import TASK_AGGREGATOR, TASK_PROPOSER, app
 from orchestrator.contracts import ChatMessage
+from orchestrator.errors import PromptTooLong
 from orchestrator.job_recipes import job_recipe
-from orchestrator.prompts import build_stage_prompt
-from orchestrator.recipes import Recipe, SamplingSpec
+from orchestrator.prompts import StagePrompt, build_stage_prompt, step_references, step_windows
+from orchestrator.recipes import AggregationMode, Recipe, SamplingSpec
 from orchestrator.routing import stage_priority
 from orchestrator.settings import get_settings
 from workers.chat_stream import ChatStream
@@ -56,6 +62,42 @@ _STAGE_COUNTS = {
 
 
 @dataclass
+class _Steps:
+    """Where an aggregation is: its mode (`auto` until the engine's tokenizer decides), the step due
+    and the running synthesis it reads."""
+
+    mode: AggregationMode
+    window: int
+    count: int
+    step: int = 0
+    synthesis: str | None = None
+
+    def prompt(self, pool: list[str], build: Callable[[list[str]], StagePrompt]) -> StagePrompt:
+        """The due step's prompt: the whole pool at once, or the step's window. `auto` reads the pool
+        at once when its prompt needs no cut, else steps."""
+        if self.mode == "auto":
+            try:
+                whole = build(pool)
+            except PromptTooLong:
+                whole = None
+            self.mode = "single" if whole is not None and whole.truncation is None else "sequential"
+            if whole is not None and self.mode == "single":
+                return whole
+        if self.mode == "single":
+            return build(pool)
+        return build(step_references(pool, self.window, self.step, self.synthesis))
+
+    @property
+    def last(self) -> bool:
+        return self.mode == "single" or self.step >= len(step_windows(self.count, self.window)) - 1
+
+    def label(self) -> str:
+        if self.mode != "sequential":
+            return "aggregator"
+        return f"aggregator (step {self.step + 1} of {len(step_windows(self.count, self.window))})"
+
+
+@dataclass
 class _Stage:
     """What a stage knows about its item after the first read, and the prompt's truncation record."""
 
@@ -68,6 +110,8 @@ class _Stage:
     truncation: dict[str, Any] | None = None
     # When the request went to the engine (the timeline's generation intervals start there).
     started_at: datetime | None = None
+    # The aggregator's: which of the pool its prompt reads.
+    steps: _Steps | None = None
 
     @classmethod
     def of(cls, item: stages.StageRead, references: list[str], turn: int = 0) -> _Stage:
@@ -105,18 +149,25 @@ def _attempt(
     spec = planned_spec(recipe, model, engine_host().settings.worker_memory_gb)
 
     def prepare(engine: Engine) -> ChatRequest:
-        prompt = build_stage_prompt(
-            stage.instruction,
-            system=stage.system,
-            history=stage.history,
-            references=stage.references,
-            system_supported=engine.system_supported,
-            context_length=spec.context_length,
-            max_tokens=sampling.max_tokens,
-            tokenizer=engine.tokenizer,
-            layer=layer,
+        def build(references: list[str]) -> StagePrompt:
+            return build_stage_prompt(
+                stage.instruction,
+                system=stage.system,
+                history=stage.history,
+                references=references,
+                system_supported=engine.system_supported,
+                context_length=spec.context_length,
+                max_tokens=sampling.max_tokens,
+                tokenizer=engine.tokenizer,
+                layer=layer,
+            )
+
+        prompt = (
+            build(stage.references) if stage.steps is None else stage.steps.prompt(stage.references, build)
         )
-        stage.truncation = prompt.truncation.model_dump() if prompt.truncation else None
+        if prompt.truncation and stage.steps is not None and stage.steps.mode == "sequential":
+            prompt.truncation.step = stage.steps.step
+        stage.truncation = prompt.truncation.model_dump(exclude_none=True) if prompt.truncation else None
         stage.started_at = utcnow()
         return ChatRequest.build(request_id, prompt.messages, sampling)
 
@@ -204,13 +255,10 @@ def run_aggregator(self: Task, item_id: int, turn: int = 0) -> str | None:
             url, item_id, ItemStatus.FAILED, where + reason + (f"; {failures}" if failures else "")
         )
     stage = _Stage.of(item, references, turn)
-    aggregator = recipe.aggregator
-    request_id = f"{item_id}_{turn}_agg_{attempts(self)}"
-    sampling = aggregator.sampling
-    record = _attempt(self, stage, recipe, aggregator.model, sampling, last + 1, request_id, stream)
+    record, truncation = _aggregate(self, url, stage, recipe, item, item_id, turn, stream)
     if record.error is not None:
         log.warning("aggregator item=%s turn=%s failed: %s", item_id, turn, record.error)
-        return _finish(url, item_id, ItemStatus.FAILED, f"{where}aggregator {record.error}", stream=stream)
+        return _finish(url, item_id, ItemStatus.FAILED, f"{where}{record.error}", stream=stream)
     notes = [
         f"{turn_label(answer.turn, item.last_turn)}pool had {answer.pool_size} of {expected} candidates"
         for answer in item.answers
@@ -222,7 +270,51 @@ def run_aggregator(self: Task, item_id: int, turn: int = 0) -> str | None:
     if turn < item.last_turn:
         return _answer_turn(url, item, item_id, turn, record, len(references), recipe, status)
     note = "; ".join(notes) or None
-    return _finish(url, item_id, status, note, stage, record, len(references), turn, stream)
+    return _finish(url, item_id, status, note, truncation, record, len(references), turn, stream)
+
+
+def _aggregate(
+    task: Task,
+    url: str,
+    stage: _Stage,
+    recipe: Recipe,
+    item: stages.StageRead,
+    item_id: int,
+    turn: int,
+    stream: ChatStream | None = None,
+) -> tuple[GenerationRecord, list[dict[str, Any]] | None]:
+    """The turn's answer and the truncation of its prompts: one generation over the whole pool, or a
+    sequential aggregation's steps from the first one not stored, each stored before the next starts.
+    A failed step fails the answer (its error names the step); the steps stored stay for a retry.
+    A chat request's `stream` carries the last step's text only: the steps before it are drafts."""
+    aggregator = recipe.aggregator
+    layer = len(recipe.layers)
+    stored = [c.text or "" for c in item.pool(layer)]
+    # Stored steps mean the mode was decided sequential already.
+    mode = "sequential" if stored else aggregator.mode
+    steps = _Steps(
+        mode, aggregator.window, len(stage.references), len(stored), stored[-1] if stored else None
+    )
+    stage.steps = steps
+    if stream is not None:
+        stream.streaming = lambda: steps.last
+    truncation: list[dict[str, Any]] = []
+    while True:
+        request_id = f"{item_id}_{turn}_agg_{steps.step}_{attempts(task)}"
+        sampling = aggregator.sampling
+        record = _attempt(task, stage, recipe, aggregator.model, sampling, layer, request_id, stream)
+        truncation += [stage.truncation] if stage.truncation else []
+        if record.error is not None:
+            return replace(record, error=f"{steps.label()} {record.error}"), truncation or None
+        if steps.last:
+            return record, truncation or None
+
+        def write(step: int = steps.step, done: GenerationRecord = record) -> str:
+            with statement_scope(url) as db:
+                return stages.record_step(db, item_id, turn, layer, step, done)
+
+        steps.synthesis = ride_out_database(write)
+        steps.step += 1
 
 
 def _answer_turn(
@@ -256,7 +348,7 @@ def _finish(
     item_id: int,
     status: ItemStatus,
     note: str | None,
-    stage: _Stage | None = None,
+    truncation: list[dict[str, Any]] | None = None,
     output: GenerationRecord | None = None,
     pool_size: int = 0,
     turn: int = 0,
@@ -264,7 +356,6 @@ def _finish(
 ) -> str:
     """Move the item to its final status (with the aggregated output of its last turn, if any), once;
     a chat request's stream then says how it ended (its answer is stored before the client is told)."""
-    truncation = [stage.truncation] if stage is not None and stage.truncation else None
 
     def write() -> None:
         with statement_scope(url) as db:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from db.models import FINAL_JOB_STATUSES, Item, Job, JobKind, JobStatus, Output
-from db.rows import JobCounts
+from db.rows import JobCounts, steps_layer
 from orchestrator.contracts import InputRecord, RetryResult, RetryStage
 from orchestrator.inputs import InputFormat, map_items
+from orchestrator.prompts import step_windows
 from orchestrator.recipes import Recipe
 
 __all__ = [
@@ -133,7 +134,10 @@ class JobsPublic(BaseModel):
 
 
 class StagePublic(BaseModel):
-    """One stage of a job: `expected` rows when done, `finished` stored, `failed` recorded as failures."""
+    """One stage of a job: `expected` rows when done, `finished` stored, `failed` recorded as failures.
+    For `aggregator steps` (a sequential aggregator's intermediate steps) `expected` is the most there
+    can be: a smaller pool takes fewer steps, and an `auto` aggregator steps only through pools that
+    overflow its context."""
 
     stage: str
     layer: int | None
@@ -175,6 +179,18 @@ class ProgressPublic(BaseModel):
                 )
                 for layer in range(len(recipe.layers))
             ]
+            if recipe.aggregator.mode != "single":
+                windows = step_windows(len(recipe.slots(len(recipe.layers) - 1)), recipe.aggregator.window)
+                stages.append(
+                    StagePublic(
+                        stage="aggregator steps",
+                        layer=None,
+                        expected=reaching * (len(windows) - 1),
+                        finished=counts.steps.get(turn, 0),
+                        failed=0,
+                        turn=turn if multi_turn else None,
+                    )
+                )
             # A turn's aggregator failures end the item; they are counted at the item's last turn.
             stages.append(
                 StagePublic(
@@ -270,6 +286,11 @@ class CandidatePublic(BaseModel):
 
 class LayerPublic(BaseModel):
     layer: int
+    stage: Literal["proposers", "aggregator steps"] = Field(
+        default="proposers",
+        description="aggregator steps: a sequential aggregator's intermediate syntheses (slot = step), "
+        "stored after the last proposer layer; the last step's is the output.",
+    )
     turn: int = Field(default=0, description="The user turn the layer answers (0 for a one-turn item).")
     candidates: list[CandidatePublic]
 
@@ -304,9 +325,18 @@ class ItemDetailPublic(ItemPublic):
         for candidate in item.candidates:
             key = (candidate.turn, candidate.layer)
             layers.setdefault(key, []).append(CandidatePublic.model_validate(candidate))
+        step_layer = steps_layer(item.job.recipe)
         return cls(
             **ItemPublic.model_validate(item).model_dump(),
-            layers=[LayerPublic(turn=t, layer=k, candidates=v) for (t, k), v in sorted(layers.items())],
+            layers=[
+                LayerPublic(
+                    turn=t,
+                    layer=k,
+                    stage="aggregator steps" if k == step_layer else "proposers",
+                    candidates=v,
+                )
+                for (t, k), v in sorted(layers.items())
+            ],
             output=OutputPublic.model_validate(output) if output else None,
             outputs=[OutputPublic.model_validate(o) for o in item.outputs] if item.turns is not None else [],
             truncation=item.truncation,

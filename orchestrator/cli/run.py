@@ -133,7 +133,12 @@ def _follow(services: Settings, job_id: str, worker: subprocess.Popen[bytes], lo
                 tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
                 raise fail(f"the worker exited with code {code}; last lines of {log_path}:\n{tail}", code=1)
             watchdog.check(
-                (job.items_done, *sorted(counts.candidates.items()), *sorted(counts.answers.items()))
+                (
+                    job.items_done,
+                    *sorted(counts.candidates.items()),
+                    *sorted(counts.answers.items()),
+                    *sorted(counts.steps.items()),
+                )
             )
             time.sleep(POLL_INTERVAL_S)
 

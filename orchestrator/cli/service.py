@@ -151,6 +151,12 @@ def plan(
     for stage, models in memory_plan.loads:
         console.print(f"  {stage}: load {', '.join(models) if models else 'nothing'}")
     console.print(f"loads per job: {memory_plan.total_loads} (one per swapped model per layer, not per item)")
+    if memory_plan.aggregator_passes > 1:
+        window = chosen.aggregator.window
+        console.print(
+            f"aggregator passes per item: {memory_plan.aggregator_passes} (sequential, {window} candidates "
+            "a step; the steps of an item run one after the other, no extra loads)"
+        )
     for warning in memory_plan.warnings:
         err.print(f"[yellow]note:[/yellow] {warning}")
     if not memory_plan.fits:
