@@ -25,7 +25,7 @@ from orchestrator.celery_app import TASK_DISPATCH, app
 from orchestrator.contracts import InputRecord
 from orchestrator.errors import InputError, InvalidInput
 from orchestrator.recipes import Recipe
-from orchestrator.routing import BULK_PRIORITY
+from orchestrator.routing import BULK_PRIORITY, stage_priority
 
 __all__ = ["Submission", "Submitted", "enqueue_job", "store_job", "submit_job"]
 
@@ -119,15 +119,16 @@ def submit_job(session: Session, job: Submission, idempotency_key: str | None = 
             raise
         return Submitted(earlier, created=False, dispatched=True)
     try:
-        enqueue_job(stored.id)
+        enqueue_job(stored.id, stage_priority(stored.kind, stored.priority))
     except (BrokerError, RedisError) as exc:
         log.warning("job %s stored, its dispatch not sent (%s): the recovery sweep sends it", stored.id, exc)
         return Submitted(stored, created=True, dispatched=False)
     return Submitted(stored, created=True, dispatched=True)
 
 
-def enqueue_job(job_id: str) -> None:
-    """Send the job's dispatch task; call only after the job's transaction committed."""
+def enqueue_job(job_id: str, priority: int = BULK_PRIORITY) -> None:
+    """Send the job's dispatch task, at its stages' priority step (a chat request's dispatch must not
+    wait behind bulk stages for a thread); call only after the job's transaction committed."""
     # Nothing waits for its result: no subscription to the result backend (one more connection that
     # could fail) is made for it.
-    app.send_task(TASK_DISPATCH, args=(job_id,), ignore_result=True, priority=BULK_PRIORITY)
+    app.send_task(TASK_DISPATCH, args=(job_id,), ignore_result=True, priority=priority)

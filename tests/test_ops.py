@@ -193,10 +193,11 @@ def test_stage_messages_read_as_their_job_item_layer_slot_and_model(services: di
     queue = f"ops-test.{uuid.uuid4().hex[:8]}"
     client = redis.Redis.from_url(services["REDIS_URL"])
     try:
-        celery_app.send_task(TASK_PROPOSER, args=(23004, 0, 1), queue=queue, headers={HEADER: info.fields()})
-        message = json.loads(client.lpop(queue))  # type: ignore[arg-type]
+        headers = {HEADER: info.fields()}
+        celery_app.send_task(TASK_PROPOSER, args=(23004, 0, 1), queue=queue, headers=headers, priority=3)
+        message = json.loads(client.lpop(priority_lists(queue)[3]))  # type: ignore[arg-type]
     finally:
-        client.delete(queue)
+        client.delete(*priority_lists(queue))
     assert message["headers"]["argsrepr"] == info.argsrepr()
     assert message["headers"][HEADER] == info.fields()
 
