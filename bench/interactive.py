@@ -1,13 +1,14 @@
 """Chat requests idle and under a bulk backlog: time to first token and total latency.
 
     python -m bench.interactive [--recipes synthetic,embedded] [--requests 6] [--backlog 300]
-                                [--max-tokens 32]
+                                [--max-tokens 32] [--gap 5]
 
 Per recipe, one deployment as in production: a control worker, an inference worker (16 stage
 threads), `slimmoa api`. A warm-up request loads the engines (not measured). Then `--requests`
-streamed chat requests one after the other on the idle service, then a bulk job of `--backlog` items
-of the same recipe (the same models, so the same queues and engine) is submitted and, once it is
-being worked through, `--requests` more chat requests are sent while it runs. Time to first token is
+streamed chat requests, `--gap` seconds apart, on the idle service; then a bulk job of `--backlog`
+items of the same recipe (the same models and engine) is submitted and, once it is being worked
+through, `--requests` more chat requests are sent the same way while it runs (the gap lets the bulk
+job fill the engine's batch again before each one arrives). Time to first token is
 from sending the request to the first non-empty content delta; total latency to `data: [DONE]`.
 Printed: the median and largest of each, idle and busy, the ratio of the medians (busy / idle; the
 target is at most 2 for time to first token), and how much of the backlog was done when the last
@@ -84,8 +85,14 @@ def chat_once(client: httpx.Client, model: str, text: str) -> tuple[float, float
     return (first if first is not None else total), total
 
 
-def measure(client: httpx.Client, model: str, texts: list[str]) -> list[tuple[float, float]]:
-    return [chat_once(client, model, text) for text in texts]
+def measure(client: httpx.Client, model: str, texts: list[str], gap_s: float) -> list[tuple[float, float]]:
+    """One request after the other, `gap_s` apart: under a backlog, each arrives at an engine whose
+    batch the bulk job has filled again since the last one."""
+    runs = []
+    for text in texts:
+        time.sleep(gap_s)
+        runs.append(chat_once(client, model, text))
+    return runs
 
 
 def _summary(label: str, runs: list[tuple[float, float]]) -> str:
@@ -120,12 +127,12 @@ def run_recipe(name: str, args: argparse.Namespace, env: dict[str, str], logs: P
                 if any(w.poll() is not None for w in workers):
                     raise RuntimeError(f"a worker exited; see the logs in {logs}")
             chat_once(client, name, texts[0])  # loads the engines
-            idle = measure(client, name, texts[1 : args.requests + 1])
+            idle = measure(client, name, texts[1 : args.requests + 1], args.gap)
             items = [{"instruction": text} for text in prompts(args.backlog)]
             job = client.post("/v1/jobs", json={"recipe": name, "items": items}).raise_for_status().json()
             while client.get(f"/v1/jobs/{job['id']}").json()["progress"]["stages"][0]["finished"] < 3:
                 time.sleep(0.1)
-            busy = measure(client, name, texts[args.requests + 1 :])
+            busy = measure(client, name, texts[args.requests + 1 :], args.gap)
             state = client.get(f"/v1/jobs/{job['id']}").json()
             client.post(f"/v1/jobs/{job['id']}/cancel")
     finally:
@@ -150,6 +157,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=6)
     parser.add_argument("--backlog", type=int, default=300)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--gap", type=float, default=5.0, help="seconds between two requests")
     args = parser.parse_args()
     database_url = os.environ.get("DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")

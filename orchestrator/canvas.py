@@ -27,7 +27,14 @@ from orchestrator.celery_app import (
 )
 from orchestrator.job_recipes import job_recipe
 from orchestrator.recipes import Recipe
-from orchestrator.routing import BULK_PRIORITY, aggregator_queue, proposer_queue, stage_priority
+from orchestrator.routing import (
+    BULK_PRIORITY,
+    INTERACTIVE_PRIORITY,
+    aggregator_queue,
+    chat_queue,
+    proposer_queue,
+    stage_priority,
+)
 from orchestrator.settings import get_settings
 from orchestrator.stage_info import StageInfo
 
@@ -86,7 +93,7 @@ def item_canvas(
             TASK_PROPOSER,
             args=(item_id, layer, slot, turn),
             immutable=True,
-            queue=proposer_queue(specs[slot].model),
+            queue=_queue(proposer_queue(specs[slot].model), specs[slot].model, priority),
             priority=priority,
             **turn_info(job_id, item_id, turn, layer=layer, slot=slot, model=specs[slot].model).options(),
         )
@@ -97,6 +104,11 @@ def item_canvas(
     else:
         body = layer_done_signature(item_id, layer, job_id=job_id, turn=turn, priority=priority)
     return chord(header, body)
+
+
+def _queue(bulk: str, model: str, priority: int) -> str:
+    """A chat request's stages go to the model's chat queue, a bulk job's to `bulk`."""
+    return chat_queue(model) if priority == INTERACTIVE_PRIORITY else bulk
 
 
 def layer_done_signature(
@@ -121,7 +133,7 @@ def aggregator_signature(
         TASK_AGGREGATOR,
         args=(item_id, turn),
         immutable=True,
-        queue=aggregator_queue(model),
+        queue=_queue(aggregator_queue(model), model, priority),
         priority=priority,
         **turn_info(job_id, item_id, turn, model=model).options(),
     )

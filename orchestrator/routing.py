@@ -1,4 +1,5 @@
-"""Where stage tasks go: per model, one queue for its proposals and one for its aggregations.
+"""Where stage tasks go: per model, one queue for its proposals, one for its aggregations, one for the
+stages of chat requests.
 
 An inference worker consumes the queues of the models it holds and swaps a model in only when those
 are drained (`workers.affinity`), so a job whose models do not all fit costs about one load per model
@@ -28,6 +29,7 @@ __all__ = [
     "PRIORITY_STEPS",
     "ModelQueues",
     "aggregator_queue",
+    "chat_queue",
     "model_queues",
     "priority_lists",
     "proposer_queue",
@@ -74,6 +76,12 @@ def aggregator_queue(model: str) -> str:
     return f"{get_settings().queue_inference}.{model}.aggregate"
 
 
+def chat_queue(model: str) -> str:
+    """Every stage of chat requests on `model`: a queue apart, so that a worker can stop taking bulk
+    stages while a person waits (workers.affinity) without stopping chat ones."""
+    return f"{get_settings().queue_inference}.{model}.chat"
+
+
 @dataclass(frozen=True)
 class ModelQueues:
     """A model's queues and the device memory it needs (0 when unknown or not on this device)."""
@@ -82,10 +90,11 @@ class ModelQueues:
     memory_gb: float
     proposals: str
     aggregations: str
+    chat: str
 
     @property
-    def queues(self) -> tuple[str, str]:
-        return (self.proposals, self.aggregations)
+    def queues(self) -> tuple[str, str, str]:
+        return (self.proposals, self.aggregations, self.chat)
 
 
 def model_queues(recipes: list[Recipe]) -> dict[str, ModelQueues]:
@@ -98,5 +107,6 @@ def model_queues(recipes: list[Recipe]) -> dict[str, ModelQueues]:
             memory = float(recipe.model(name).memory_gb or 0.0)
             known = found.get(name)
             if known is None or memory > known.memory_gb:
-                found[name] = ModelQueues(name, memory, proposer_queue(name), aggregator_queue(name))
+                queues = (proposer_queue(name), aggregator_queue(name), chat_queue(name))
+                found[name] = ModelQueues(name, memory, *queues)
     return found

@@ -147,7 +147,10 @@ class Switch:
 @pytest.fixture
 def model_queues(services: dict[str, str]) -> Iterator[dict[str, ModelQueues]]:
     prefix = f"ops-test.{uuid.uuid4().hex[:8]}"
-    models = {n: ModelQueues(n, 1.0, f"{prefix}.{n}", f"{prefix}.{n}.aggregate") for n in ("big-a", "big-b")}
+    models = {
+        n: ModelQueues(n, 1.0, f"{prefix}.{n}", f"{prefix}.{n}.aggregate", f"{prefix}.{n}.chat")
+        for n in ("big-a", "big-b")
+    }
     client = redis.Redis.from_url(services["REDIS_URL"])
     for queues in models.values():
         client.rpush(priority_lists(queues.proposals)[BULK_PRIORITY], 1)

@@ -221,7 +221,10 @@ def queues(services: dict[str, str]) -> Iterator[dict[str, ModelQueues]]:
     """Two models' queues, of names no job uses, on the test Redis."""
     prefix = f"affinity-test.{uuid.uuid4().hex[:8]}"
     models = {
-        name: ModelQueues(name, 1.5, f"{prefix}.{name}", f"{prefix}.{name}.aggregate") for name in ("a", "b")
+        name: ModelQueues(
+            name, 1.5, f"{prefix}.{name}", f"{prefix}.{name}.aggregate", f"{prefix}.{name}.chat"
+        )
+        for name in ("a", "b")
     }
     yield models
     client = redis.Redis.from_url(services["REDIS_URL"])
@@ -263,7 +266,8 @@ def test_affinity_drains_the_resident_model_before_swapping(queues: dict[str, Mo
 
     held.clear()
     chooser.tick()
-    assert switch.consumed == set(b.queues), "a drained: b alone is consumed until it is loaded"
+    # a's chat queue stays consumed while a is resident: a chat request for it needs no load.
+    assert switch.consumed == {*b.queues, a.chat}, "a drained: b alone is consumed until it is loaded"
     assert chooser.target == "b"
 
     fake.resident = {"b": 1.5}
@@ -286,7 +290,7 @@ def test_aggregations_waiting_are_swapped_in_before_a_bigger_proposal_backlog(
     queues: dict[str, ModelQueues], services: dict[str, str]
 ) -> None:
     client = redis.Redis.from_url(services["REDIS_URL"])
-    c = ModelQueues("c", 1.5, queues["a"].proposals + "-c", queues["a"].aggregations + "-c")
+    c = ModelQueues("c", 1.5, *(q + "-c" for q in queues["a"].queues))
     models = {**queues, "c": c}
     fake = FakeHost(budget_gb=2.0)
     fake.resident = {"c": 1.5}
@@ -312,9 +316,32 @@ def test_a_waiting_chat_stage_swaps_its_model_in_ahead_of_the_backlog(
     client.rpush(priority_lists(b.proposals)[1], 1)
     chooser.tick()
     assert chooser.target is None, "a bulk job's stage of another model waits for the resident backlog"
-    client.rpush(b.aggregations, 1)  # step 0: a chat request's aggregator
+    client.rpush(b.chat, 1)  # a chat request's stage
     chooser.tick()
-    assert chooser.target == "b" and chooser.switch.consumed == set(b.queues)  # type: ignore[attr-defined]
+    assert chooser.target == "b", "the model a person waits for is swapped in at once"
+    consumed = chooser.switch.consumed  # type: ignore[attr-defined]
+    assert consumed == {a.chat, b.chat}, "only chat stages are taken while one waits"
+    client.delete(b.chat)
+    fake.resident = {"b": 1.5}
+    chooser.chat_until = 0.0  # the hold after the last chat stage has passed
+    chooser.tick()
+    assert chooser.switch.consumed == set(b.queues), "bulk stages are taken again"  # type: ignore[attr-defined]
+
+
+def test_bulk_queues_pause_while_a_chat_stage_waits_or_runs(queues: dict[str, ModelQueues]) -> None:
+    client = redis.Redis.from_url(get_settings().redis_url)
+    a = queues["a"]
+    held = Counter[str]()
+    chooser = scheduler(queues, FakeHost(budget_gb=float("inf")), held)
+    client.rpush(bulk(a.proposals), *range(20))
+    chooser.tick()
+    assert chooser.switch.consumed == set(a.queues)  # type: ignore[attr-defined]
+    held[a.chat] = 1  # a chat request's proposer runs here
+    chooser.tick()
+    assert chooser.switch.consumed == {a.chat}, "no new bulk stage joins the engine's batch"  # type: ignore[attr-defined]
+    held.clear()
+    chooser.tick()
+    assert chooser.switch.consumed == {a.chat}, "held a moment, for the request's next stage"  # type: ignore[attr-defined]
 
 
 def test_finished_pools_are_aggregated_while_later_proposals_wait(

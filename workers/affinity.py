@@ -7,14 +7,20 @@ at those queues a few times a second and consumes:
     that model's queues alone: its first task evicts the least recently used engines and loads it,
     after which the models still resident are consumed again.
 So a model is swapped in once its predecessors' backlog is drained, not once per item, and a job over
-more models than fit costs about one load per model per layer. A chat request's stage (priority step
-0) is the most urgent work: a model that one waits for is swapped in at once, ahead of any backlog.
+more models than fit costs about one load per model per layer.
+
+Chat requests come first. Their stages wait in the models' chat queues; while any does, or runs here,
+and for `CHAT_HOLD_S` after (the hop from a request's proposers to its aggregator), only chat queues
+are consumed: threads that free up stay free for the request's next stage, and the bulk generations
+already in the engines finish without new ones joining them, so the request's tokens come at the pace
+of a small batch. A model a chat request waits for is swapped in at once, ahead of any backlog.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -27,12 +33,15 @@ from db.residency import active_jobs
 from db.session import session_scope
 from orchestrator.ownership import EVERY_MODEL, ModelSelection
 from orchestrator.recipes import Recipe
-from orchestrator.routing import INTERACTIVE_PRIORITY, ModelQueues, model_queues, queue_depths
+from orchestrator.routing import ModelQueues, chat_queue, model_queues, queue_depths
 from orchestrator.settings import Settings
 
-__all__ = ["AffinityScheduler", "AffinityStep", "QueueSwitch"]
+__all__ = ["CHAT_HOLD_S", "AffinityScheduler", "AffinityStep", "QueueSwitch"]
 
 log = logging.getLogger(__name__)
+
+# Bulk queues stay paused this long after the last chat stage was seen waiting or running here.
+CHAT_HOLD_S = 2.0
 
 
 class QueueSwitch(Protocol):
@@ -85,6 +94,8 @@ class AffinityScheduler:
         # A model chosen to be swapped in: only its queues are consumed until it is resident.
         self.target: str | None = None
         self._recipes: dict[str, Recipe] = {}
+        # Until when only chat queues are consumed (monotonic seconds).
+        self.chat_until = 0.0
 
     def models(self) -> dict[str, ModelQueues]:
         """The models this worker serves of the jobs that may still have stages to run, with their queues."""
@@ -104,9 +115,7 @@ class AffinityScheduler:
         held = self.held()
         work = {name: sum(sum(depths[q]) + held[q] for q in m.queues) for name, m in models.items()}
         finishing = {name: sum(depths[m.aggregations]) + held[m.aggregations] for name, m in models.items()}
-        urgent = {
-            name for name, m in models.items() if any(depths[q][INTERACTIVE_PRIORITY] for q in m.queues)
-        }
+        urgent = {name for name, m in models.items() if sum(depths[m.chat]) + held[m.chat]}
         return work, finishing, urgent
 
     def tick(self) -> None:
@@ -136,7 +145,17 @@ class AffinityScheduler:
                     log.info("swapping in %s (%s tasks waiting)", self.target, work[self.target])
         if self.target is not None:
             chosen = {self.target}
-        wanted = {q for name in chosen if name in models for q in models[name].queues}
+        now = time.monotonic()
+        if urgent:
+            self.chat_until = now + CHAT_HOLD_S
+        if now < self.chat_until:
+            wanted = {models[name].chat for name in chosen if name in models}
+        else:
+            wanted = {q for name in chosen if name in models for q in models[name].queues}
+        # A resident model's chat queue is always taken from: a request's first stage is not kept
+        # waiting for a tick to notice its job.
+        served = (name for name in resident if self.selection.serves(name))
+        wanted |= {models[name].chat if name in models else chat_queue(name) for name in served}
         self._consume(wanted)
 
     def _alongside(
