@@ -1,8 +1,9 @@
 """A recipe served as a model: a chat completion request runs as a one-item job of kind `chat`.
 
 The request is stored like any job (its conversation as the item's `messages`, its sampling folded
-into the recipe it is stored with) and dispatched at the interactive priority step, so its stages are
-taken before any bulk job's. Its proposers answer the conversation in parallel; its aggregator streams
+into the recipe it is stored with) and its stages are sent by the API itself (no dispatch task to
+wait for) at the interactive priority step, to the models' chat queues, so they are taken before any
+bulk job's. Its proposers answer the conversation in parallel; its aggregator streams
 the answer into the request's Redis Stream (`workers.chat_stream`), which `answer_records` reads back
 for the HTTP response. The answer is stored before the stream says it is finished, so the record and
 what the client read are the same text.
@@ -19,19 +20,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import redis.asyncio
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from db import progress
 from db.models import FINAL_JOB_STATUSES, JobKind
 from db.session import session_scope
 from orchestrator.api.openai_bodies import ChatCompletionCreate, ChatUsage
+from orchestrator.canvas import dispatch
 from orchestrator.contracts import InputRecord
 from orchestrator.recipes import Recipe
 from orchestrator.settings import Settings
 from orchestrator.streams import ErrorRecord, FinalRecord, Record, StreamReader
-from orchestrator.submission import Submission
+from orchestrator.submission import Submission, store_job
 
-__all__ = ["ChatRequest", "abandon", "answer_records", "chat_submission", "request_usage"]
+__all__ = ["ChatRequest", "abandon", "answer_records", "chat_submission", "request_usage", "start_chat"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,15 @@ def chat_submission(recipe: Recipe, body: ChatCompletionCreate) -> Submission:
     """The one-item job a request is stored as; ValidationError names the field at fault."""
     record = InputRecord.model_validate({"id": "0", "messages": [m.model_dump() for m in body.messages]})
     return Submission(with_request_sampling(recipe, body), [record], kind=JobKind.CHAT)
+
+
+def start_chat(session: Session, submission: Submission) -> str:
+    """Store the request's job, commit, and send its stages from here: a chat request does not wait for
+    a control worker's thread to dispatch it. Returns the job's id."""
+    job_id = store_job(session, submission).id
+    session.commit()
+    dispatch(job_id)
+    return job_id
 
 
 async def answer_records(

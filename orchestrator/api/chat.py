@@ -32,12 +32,11 @@ from orchestrator.api.openai_bodies import (
     OpenAIError,
 )
 from orchestrator.api.problems import ProblemError
-from orchestrator.chat import ChatRequest, abandon, answer_records, chat_submission, request_usage
+from orchestrator.chat import ChatRequest, abandon, answer_records, chat_submission, request_usage, start_chat
 from orchestrator.errors import RecipeError
 from orchestrator.recipes import Recipe, available_recipes, load_recipe
 from orchestrator.settings import Settings
 from orchestrator.streams import DeltaRecord, ErrorRecord, FinalRecord
-from orchestrator.submission import submit_job
 
 __all__ = ["router"]
 
@@ -88,8 +87,8 @@ async def create_chat_completion(
     except ValidationError as exc:
         problem = exc.errors()[0]
         raise ProblemError(400, f"messages: {problem['msg']}", param="messages") from None
-    submitted = await run_in_threadpool(submit_job, session, submission)
-    chat = ChatRequest(submitted.job.id, body.model, int(time.time()))
+    job_id = await run_in_threadpool(start_chat, session, submission)
+    chat = ChatRequest(job_id, body.model, int(time.time()))
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = _events(chat, request, settings, include_usage=include_usage)
