@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from db import progress
-from db.models import FINAL_JOB_STATUSES, JobKind
+from db.models import FINAL_JOB_STATUSES, JobKind, JobStatus
 from db.session import session_scope
 from orchestrator.api.openai_bodies import ChatCompletionCreate, ChatUsage
 from orchestrator.canvas import dispatch
@@ -123,7 +123,7 @@ def _failure(database_url: str, job_id: str) -> ErrorRecord | None:
         if job.items_failed:
             error = progress.latest_error(session, job_id) or job.error or "the request failed"
             return ErrorRecord(message=error, code="stage_failed")
-        if job.status == "cancelled":
+        if job.status == JobStatus.CANCELLED:
             return ErrorRecord(message="the request was cancelled", code="cancelled")
         return None
 

@@ -17,7 +17,6 @@ as `param`.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Sequence
 from http import HTTPStatus
@@ -131,16 +130,16 @@ def validation_problem(exc: ValidationError | RequestValidationError) -> Problem
     return ProblemError(422, errors[0] if errors else "invalid request", errors)
 
 
-def _database_problem(exc: DBAPIError, settings: Settings) -> JSONResponse:
+def _database_problem(exc: DBAPIError, settings: Settings) -> ProblemError:
     """A database error the API cannot answer around: say which, if it is one a user can fix."""
     try:
         current = schema_is_current(settings.database_url)
     except DBAPIError:
-        return problem_response(503, "the database cannot be reached; try again when it is back")
+        return ProblemError(503, "the database cannot be reached; try again when it is back")
     if not current:
-        return problem_response(503, "the database schema is not migrated: run `slimmoa db upgrade`")
+        return ProblemError(503, "the database schema is not migrated: run `slimmoa db upgrade`")
     log.exception("database error", exc_info=exc)
-    return problem_response(500, "internal error; the server log has the details")
+    return ProblemError(500, "internal error; the server log has the details")
 
 
 def _answer(request: Request, problem: ProblemError) -> JSONResponse:
@@ -184,11 +183,7 @@ def install_handlers(app: FastAPI, settings: Settings) -> None:
 
     async def on_database(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, DBAPIError)
-        answer = await run_in_threadpool(_database_problem, exc, settings)
-        if openai_route(request):
-            detail = json.loads(bytes(answer.body))["detail"]
-            return openai_error_response(answer.status_code, detail)
-        return answer
+        return _answer(request, await run_in_threadpool(_database_problem, exc, settings))
 
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
