@@ -31,12 +31,14 @@ def item_ids(session: Session, job_id: str, *, pending_only: bool = False) -> li
     return list(session.scalars(query))
 
 
-def mark_job_running(session: Session, job_id: str) -> None:
-    session.execute(
+def mark_job_running(session: Session, job_id: str) -> bool:
+    """A queued job starts running; False if it was not queued (another dispatch or the sweep came first)."""
+    result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
         .values(status=JobStatus.RUNNING, started_at=utcnow())
     )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def mark_items_dispatched(

@@ -149,12 +149,15 @@ def dispatch(job_id: str) -> int:
         if job is None:
             log.warning("dispatch: no job %s", job_id)
             return 0
-        if job.status == JobStatus.CANCELLED:
+        # Only the dispatch that starts the job sends its items: a second one (a submit repeated with
+        # its Idempotency-Key) or one redelivered after a crash would send them again. What a crashed
+        # dispatch did not send, the recovery sweep does.
+        if not recovery.mark_job_running(session, job_id):
+            log.info("dispatch: job %s is %s, not queued: nothing to send", job_id, job.status)
             return 0
         recipe = Recipe.model_validate(job.recipe)
         priority = stage_priority(job.kind, job.priority)
         item_ids = recovery.item_ids(session, job_id, pending_only=True)
-        recovery.mark_job_running(session, job_id)
         recovery.mark_items_dispatched(session, job_id=job_id)
     for start in range(0, len(item_ids), DISPATCH_BATCH):
         if start and _cancelled(url, job_id):

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     database_retry_s: float = Field(default=300.0, ge=0)
     # Threads of the inference worker: the number of generations in flight that the engines can batch.
     inference_concurrency: int = 16
+    # More threads, which only chat stages take (opened while a chat request's stage waits or runs):
+    # a request's proposers start at once although bulk stages hold the others.
+    chat_reserve: int = Field(default=4, ge=0)
     # Memory an inference worker may fill with resident models, GB (device memory on a GPU, RAM on a
     # CPU); empty: no budget, every model stays loaded. `slimmoa worker --memory-gb` sets it.
     worker_memory_gb: float | None = Field(default=None, gt=0)

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db import submission
-from db.models import Job, JobKind
+from db.models import Job, JobKind, JobStatus
 from db.rows import NewItem
 from orchestrator.celery_app import TASK_DISPATCH, app
 from orchestrator.contracts import InputRecord
@@ -107,7 +107,13 @@ def submit_job(session: Session, job: Submission, idempotency_key: str | None = 
     """Store, commit and enqueue a job. A key already used for the same request returns its job."""
     earlier = _earlier(session, job, idempotency_key)
     if earlier is not None:
-        return Submitted(earlier, created=False, dispatched=True)
+        # Still queued: the first submit may have stopped between its commit and its dispatch (a killed
+        # client, a broker down). Sending the dispatch again costs at most stage tasks that find their rows.
+        return (
+            _dispatched(earlier, created=False)
+            if earlier.status == JobStatus.QUEUED
+            else Submitted(earlier, created=False, dispatched=True)
+        )
     try:
         stored = store_job(session, job, idempotency_key)
         session.commit()
@@ -118,12 +124,16 @@ def submit_job(session: Session, job: Submission, idempotency_key: str | None = 
         if earlier is None:
             raise
         return Submitted(earlier, created=False, dispatched=True)
+    return _dispatched(stored, created=True)
+
+
+def _dispatched(job: Job, *, created: bool) -> Submitted:
     try:
-        enqueue_job(stored.id, stage_priority(stored.kind, stored.priority))
+        enqueue_job(job.id, stage_priority(job.kind, job.priority))
     except (BrokerError, RedisError) as exc:
-        log.warning("job %s stored, its dispatch not sent (%s): the recovery sweep sends it", stored.id, exc)
-        return Submitted(stored, created=True, dispatched=False)
-    return Submitted(stored, created=True, dispatched=True)
+        log.warning("job %s stored, its dispatch not sent (%s): the recovery sweep sends it", job.id, exc)
+        return Submitted(job, created=created, dispatched=False)
+    return Submitted(job, created=created, dispatched=True)
 
 
 def enqueue_job(job_id: str, priority: int = BULK_PRIORITY) -> None:

@@ -136,12 +136,16 @@ class FakeHost:
 class Switch:
     def __init__(self) -> None:
         self.consumed: set[str] = set()
+        self.reserve_open = False
 
     def add(self, queue: str) -> None:
         self.consumed.add(queue)
 
     def cancel(self, queue: str) -> None:
         self.consumed.discard(queue)
+
+    def reserve(self, open_: bool) -> None:
+        self.reserve_open = open_
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Priorities on one worker: a chat request is answered while a bulk backlog of the same models waits,
-and a high-priority bulk job overtakes a low-priority one submitted before it."""
+also when bulk stages hold every stage thread, and a high-priority bulk job overtakes a low-priority one
+submitted before it."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ from typing import Any
 
 import httpx
 from openai import OpenAI
+from sqlalchemy import func, select
 
-from tests.conftest import sample_records
+from db.models import Candidate, Item
+from db.session import session_scope
+from orchestrator.celery_app import TASK_PROPOSER
+from orchestrator.celery_app import app as celery_app
+from tests.conftest import WORKER_ENV, sample_records
 
 BUSY = """
 name: NAME
@@ -23,8 +29,18 @@ aggregator: {model: NAME-agg}
 """
 
 
-def busy_recipe(api_recipes: Path, name: str) -> str:
-    (api_recipes / f"{name}.yaml").write_text(BUSY.replace("NAME", name))
+# Each stage holds its thread for 20 s: a chat request that waited for one would wait that long.
+SLOW = """
+name: NAME
+models:
+  NAME-slow: {engine: synthetic, latency_ms: 20000, output_tokens: 8}
+layers: [{proposers: [{model: NAME-slow, samples: 3}]}]
+aggregator: {model: NAME-slow}
+"""
+
+
+def busy_recipe(api_recipes: Path, name: str, source: str = BUSY) -> str:
+    (api_recipes / f"{name}.yaml").write_text(source.replace("NAME", name))
     return name
 
 
@@ -85,3 +101,36 @@ def test_a_high_priority_bulk_job_overtakes_a_low_priority_one(
         f"submitted first, the low-priority job had {low_then['items_done']} of 150 items done"
     )
     assert wait_done(api, low)["status"] == "succeeded"
+
+
+def running_proposers() -> int:
+    active = celery_app.control.inspect(timeout=1.0).active() or {}
+    return sum(task["name"] == TASK_PROPOSER for tasks in active.values() for task in tasks)
+
+
+def stored_candidates(database_url: str, job_id: str) -> int:
+    with session_scope(database_url) as session:
+        query = select(func.count()).select_from(Candidate).join(Item).where(Item.job_id == job_id)
+        return int(session.scalar(query) or 0)
+
+
+def test_a_chat_request_runs_on_the_reserve_while_bulk_stages_hold_every_thread(
+    api: httpx.Client, api_url: str, api_recipes: Path, database_url: str, worker: Any
+) -> None:
+    threads = int(WORKER_ENV["INFERENCE_CONCURRENCY"])
+    slow = busy_recipe(api_recipes, "prio-slow", SLOW)
+    bulk = submit_bulk(api, slow, threads // 3 + 2, priority=9)  # more proposer stages than threads
+    deadline = time.monotonic() + 30
+    while running_proposers() < threads:
+        assert time.monotonic() < deadline, "the bulk stages did not fill the stage threads"
+        time.sleep(0.2)
+    fast = busy_recipe(api_recipes, "prio-reserve")
+    sdk = OpenAI(base_url=f"{api_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    try:
+        completion = sdk.chat.completions.create(model=fast, messages=[{"role": "user", "content": "Now?"}])
+        assert (completion.choices[0].message.content or "").startswith(f"{fast}-agg:")
+        # Answered while every bulk stage it found running still ran: it never waited for their threads.
+        assert stored_candidates(database_url, bulk) == 0
+    finally:
+        assert api.post(f"/v1/jobs/{bulk}/cancel").status_code == 200
+    assert wait_done(api, bulk, timeout=120)["status"] == "cancelled"

@@ -193,12 +193,16 @@ def test_a_model_gets_at_most_max_in_flight_requests_at_once() -> None:
 class Switch:
     def __init__(self) -> None:
         self.consumed: set[str] = set()
+        self.reserve_open = False
 
     def add(self, queue: str) -> None:
         self.consumed.add(queue)
 
     def cancel(self, queue: str) -> None:
         self.consumed.discard(queue)
+
+    def reserve(self, open_: bool) -> None:
+        self.reserve_open = open_
 
 
 class FakeHost:
@@ -339,9 +343,13 @@ def test_bulk_queues_pause_while_a_chat_stage_waits_or_runs(queues: dict[str, Mo
     held[a.chat] = 1  # a chat request's proposer runs here
     chooser.tick()
     assert chooser.switch.consumed == {a.chat}, "no new bulk stage joins the engine's batch"  # type: ignore[attr-defined]
+    assert chooser.switch.reserve_open, "the chat reserve's threads take the request's stages"  # type: ignore[attr-defined]
     held.clear()
     chooser.tick()
     assert chooser.switch.consumed == {a.chat}, "held a moment, for the request's next stage"  # type: ignore[attr-defined]
+    chooser.chat_until = 0.0
+    chooser.tick()
+    assert chooser.switch.consumed == set(a.queues) and not chooser.switch.reserve_open  # type: ignore[attr-defined]
 
 
 def test_finished_pools_are_aggregated_while_later_proposals_wait(

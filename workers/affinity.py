@@ -11,9 +11,11 @@ more models than fit costs about one load per model per layer.
 
 Chat requests come first. Their stages wait in the models' chat queues; while any does, or runs here,
 and for `CHAT_HOLD_S` after (the hop from a request's proposers to its aggregator), only chat queues
-are consumed: threads that free up stay free for the request's next stage, and the bulk generations
-already in the engines finish without new ones joining them, so the request's tokens come at the pace
-of a small batch. A model a chat request waits for is swapped in at once, ahead of any backlog.
+are consumed, and the worker's chat reserve (`chat_reserve` threads beyond `inference_concurrency`,
+which bulk stages never get) is opened: a request's stages start at once although bulk stages hold
+every other thread, and no new bulk stage joins the engines. There the request has the engine to
+itself (`workers.engines.vllm_scheduler`). A model a chat request waits for is swapped in at once,
+ahead of any backlog.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class QueueSwitch(Protocol):
     def add(self, queue: str) -> None: ...
 
     def cancel(self, queue: str) -> None: ...
+
+    def reserve(self, open_: bool) -> None:
+        """Let the chat reserve's threads take tasks (True), or only the bulk threads (False)."""
 
 
 class Host(Protocol):
@@ -96,6 +101,8 @@ class AffinityScheduler:
         self._recipes: dict[str, Recipe] = {}
         # Until when only chat queues are consumed (monotonic seconds).
         self.chat_until = 0.0
+        # Whether the chat reserve's threads may take tasks.
+        self.reserve_open = False
 
     def models(self) -> dict[str, ModelQueues]:
         """The models this worker serves of the jobs that may still have stages to run, with their queues."""
@@ -148,7 +155,8 @@ class AffinityScheduler:
         now = time.monotonic()
         if urgent:
             self.chat_until = now + CHAT_HOLD_S
-        if now < self.chat_until:
+        chat = now < self.chat_until
+        if chat:
             wanted = {models[name].chat for name in chosen if name in models}
         else:
             wanted = {q for name in chosen if name in models for q in models[name].queues}
@@ -156,7 +164,16 @@ class AffinityScheduler:
         # waiting for a tick to notice its job.
         served = (name for name in resident if self.selection.serves(name))
         wanted |= {models[name].chat if name in models else chat_queue(name) for name in served}
+        if not chat:
+            self._reserve(False)  # before bulk queues are taken again: the reserve is not theirs
         self._consume(wanted)
+        if chat:
+            self._reserve(True)  # after bulk queues stopped: only chat stages fill it
+
+    def _reserve(self, open_: bool) -> None:
+        if open_ != self.reserve_open:
+            self.switch.reserve(open_)
+            self.reserve_open = open_
 
     def _alongside(
         self, models: dict[str, ModelQueues], resident: set[str], work: dict[str, int]
@@ -190,15 +207,24 @@ class AffinityScheduler:
 class _ConsumerSwitch:
     """Queue changes made on the consumer's own loop, as Celery's add_consumer control command does."""
 
-    def __init__(self, consumer: Any, queue: str) -> None:
+    def __init__(self, consumer: Any, queue: str, reserve: int) -> None:
         self.consumer = consumer
         self.queue = queue
+        self.reserved = reserve
+        # The worker starts with a prefetch count of all its threads: the reserve starts closed.
+        consumer.qos.decrement_eventually(reserve)
 
     def add(self, queue: str) -> None:
         self.consumer.call_soon(self.consumer.add_task_queue, queue)
 
     def cancel(self, queue: str) -> None:
         self.consumer.call_soon(self.consumer.cancel_task_queue, queue)
+
+    def reserve(self, open_: bool) -> None:
+        """The prefetch count (tasks held unacknowledged: running, with late acks) grows or shrinks
+        by the reserve; the consumer's loop applies it."""
+        qos = self.consumer.qos
+        (qos.increment_eventually if open_ else qos.decrement_eventually)(self.reserved)
 
     def draining(self) -> bool:
         """The shared inference queue is no longer consumed (`celery control cancel_consumer`)."""
@@ -223,7 +249,7 @@ class AffinityStep(bootsteps.StartStopStep):  # type: ignore[misc]
         host = engine_host()
         settings = host.settings
         self._stopped.clear()
-        switch = _ConsumerSwitch(parent, settings.queue_inference)
+        switch = _ConsumerSwitch(parent, settings.queue_inference, settings.chat_reserve)
         selection = worker_selection(settings)
         log.info("serving %s", selection.describe())
         scheduler = AffinityScheduler(settings, host, switch, selection=selection, draining=switch.draining)

@@ -37,7 +37,7 @@ from orchestrator.errors import PromptTooLong
 from orchestrator.job_recipes import job_recipe
 from orchestrator.prompts import StagePrompt, build_stage_prompt, step_references, step_windows
 from orchestrator.recipes import AggregationMode, Recipe, SamplingSpec
-from orchestrator.routing import stage_priority
+from orchestrator.routing import BULK_PRIORITY, stage_priority
 from orchestrator.settings import get_settings
 from workers.chat_stream import ChatStream
 from workers.engine_sizing import planned_spec
@@ -112,6 +112,8 @@ class _Stage:
     started_at: datetime | None = None
     # The aggregator's: which of the pool its prompt reads.
     steps: _Steps | None = None
+    # The engine's scheduling priority of its requests (a chat request's stages go first).
+    priority: int = BULK_PRIORITY
 
     @classmethod
     def of(cls, item: stages.StageRead, references: list[str], turn: int = 0) -> _Stage:
@@ -127,7 +129,8 @@ class _Stage:
         else:
             messages = [ChatMessage.model_validate(m) for m in (item.messages or [])[:-1]]
             history = [message for message in messages if message.role != "system"]
-        return cls(item.job_id, instruction, item.system, references, history)
+        priority = stage_priority(item.job_kind, item.job_priority)
+        return cls(item.job_id, instruction, item.system, references, history, priority=priority)
 
 
 # What a record keeps of a generation.
@@ -169,7 +172,7 @@ def _attempt(
             prompt.truncation.step = stage.steps.step
         stage.truncation = prompt.truncation.model_dump(exclude_none=True) if prompt.truncation else None
         stage.started_at = utcnow()
-        return ChatRequest.build(request_id, prompt.messages, sampling)
+        return ChatRequest.build(request_id, prompt.messages, sampling, priority=stage.priority)
 
     outcome = attempt_stage(task, model, spec, prepare, stage.job_id, stream)
     ran = {"model": model, "attempt": attempts(task), "worker": task.request.hostname}

@@ -35,7 +35,12 @@ def worker(
             help="Memory budget for resident models, GB (GPU memory, or RAM on a CPU); default: no budget.",
         ),
     ] = None,
-    concurrency: Annotated[int | None, typer.Option(min=1, help="Threads: generations in flight.")] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Threads for bulk stages: generations in flight (CHAT_RESERVE more for chat)."
+        ),
+    ] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
     beat: Annotated[
         bool, typer.Option(help="Also run the periodic recovery sweep (one worker only).")
@@ -89,6 +94,9 @@ def worker(
         queues.append(settings.queue_inference)
         celery_app.steps["consumer"].add(AffinityStep)
 
+    threads = concurrency or settings.inference_concurrency
+    if role != WorkerRole.CONTROL:
+        threads += settings.chat_reserve  # taken by chat stages only (workers.affinity)
     port = settings.worker_metrics_port if metrics_port is None else metrics_port
     if port:
         from prometheus_client import start_http_server
@@ -105,7 +113,7 @@ def worker(
             "--pool",
             "threads",
             "--concurrency",
-            str(concurrency or settings.inference_concurrency),
+            str(threads),
             "--queues",
             ",".join(queues),
             "--loglevel",

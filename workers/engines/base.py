@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict
 from orchestrator.contracts import ChatMessage
 from orchestrator.prompts import Tokenizer
 from orchestrator.recipes import SamplingSpec
+from orchestrator.routing import BULK_PRIORITY
 
 __all__ = ["ChatRequest", "Delta", "Engine", "Generation", "Residency", "residency"]
 
@@ -52,6 +53,9 @@ class ChatRequest(BaseModel):
     seed: int | None
     # Ask for the k most likely first tokens with their logprobs (a weighted judge reads its verdict there).
     logprobs: int | None = None
+    # The stage's priority step (`orchestrator.routing`): an engine that schedules by priority runs
+    # 0, a request someone waits for, before everything else.
+    priority: int = BULK_PRIORITY
 
     @classmethod
     def build(
@@ -61,9 +65,16 @@ class ChatRequest(BaseModel):
         sampling: SamplingSpec,
         *,
         logprobs: int | None = None,
+        priority: int = BULK_PRIORITY,
     ) -> ChatRequest:
         """Request sampling comes from the recipe stage; engines only fill what it leaves unset."""
-        return cls(request_id=request_id, messages=messages, logprobs=logprobs, **sampling.model_dump())
+        return cls(
+            request_id=request_id,
+            messages=messages,
+            logprobs=logprobs,
+            priority=priority,
+            **sampling.model_dump(),
+        )
 
 
 class Generation(BaseModel):

@@ -19,6 +19,9 @@ from workers.engines.base import ChatRequest, Delta, Engine, Generation
 from workers.engines.errors import EngineOutOfMemory, EngineUnavailable, RequestRejected
 from workers.model_store import resolve_weights
 
+# The engine's scheduler (imported by the engine's own process, by path: it imports vLLM).
+SCHEDULER_MODULE = "workers.engines.vllm_scheduler"
+
 __all__ = ["HFTokenizer", "VllmEngine", "engine_args", "kv_cache_gb"]
 
 # KV cache of a CPU engine whose recipe does not say (memory_gb - weights_gb), GiB. Setting it
@@ -65,6 +68,11 @@ def engine_args(name: str, spec: VllmModel, weights: str, *, on_cpu: bool) -> di
         "dtype": cpu_dtype(spec.dtype) if on_cpu else spec.dtype,
         # On CPU, torch.compile costs minutes per start and its cache does not reload: run eager.
         "enforce_eager": on_cpu,
+        # Requests carry their stage's priority step; a chat request's stages get the engine to
+        # themselves while they run (vLLM's CPU build schedules synchronously).
+        "scheduling_policy": "priority",
+        "scheduler_cls": f"{SCHEDULER_MODULE}."
+        + ("InteractiveFirstScheduler" if on_cpu else "InteractiveFirstAsyncScheduler"),
     }
     if spec.quantization:
         args["quantization"] = spec.quantization
@@ -235,7 +243,9 @@ class VllmEngine(Engine):
         )
         try:
             # Closed with this generator: a stream its reader leaves early stops in the engine too.
-            async with aclosing(self._llm.generate(prompt, params, request_id=request.request_id)) as outputs:
+            async with aclosing(
+                self._llm.generate(prompt, params, request_id=request.request_id, priority=request.priority)
+            ) as outputs:
                 async for output in outputs:
                     yield output
         except asyncio.CancelledError:
