@@ -33,12 +33,13 @@ def item_ids(session: Session, job_id: str, *, pending_only: bool = False) -> li
 
 def mark_job_running(session: Session, job_id: str) -> bool:
     """A queued job starts running; False if it was not queued (another dispatch or the sweep came first)."""
-    result = session.execute(
+    started = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
         .values(status=JobStatus.RUNNING, started_at=utcnow())
+        .returning(Job.id)
     )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return started.first() is not None
 
 
 def mark_items_dispatched(

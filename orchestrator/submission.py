@@ -107,13 +107,7 @@ def submit_job(session: Session, job: Submission, idempotency_key: str | None = 
     """Store, commit and enqueue a job. A key already used for the same request returns its job."""
     earlier = _earlier(session, job, idempotency_key)
     if earlier is not None:
-        # Still queued: the first submit may have stopped between its commit and its dispatch (a killed
-        # client, a broker down). Sending the dispatch again costs at most stage tasks that find their rows.
-        return (
-            _dispatched(earlier, created=False)
-            if earlier.status == JobStatus.QUEUED
-            else Submitted(earlier, created=False, dispatched=True)
-        )
+        return _found(earlier)
     try:
         stored = store_job(session, job, idempotency_key)
         session.commit()
@@ -125,6 +119,15 @@ def submit_job(session: Session, job: Submission, idempotency_key: str | None = 
             raise
         return Submitted(earlier, created=False, dispatched=True)
     return _dispatched(stored, created=True)
+
+
+def _found(earlier: Job) -> Submitted:
+    """The key's earlier job. Still queued, its dispatch is sent again: the first submit may have stopped
+    between its commit and its dispatch (a killed client, a broker down); a dispatch that finds the job
+    started sends nothing."""
+    if earlier.status == JobStatus.QUEUED:
+        return _dispatched(earlier, created=False)
+    return Submitted(earlier, created=False, dispatched=True)
 
 
 def _dispatched(job: Job, *, created: bool) -> Submitted:

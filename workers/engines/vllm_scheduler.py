@@ -16,11 +16,9 @@ from typing import Any
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-__all__ = ["INTERACTIVE", "InteractiveFirstAsyncScheduler", "InteractiveFirstScheduler"]
+from orchestrator.routing import INTERACTIVE_PRIORITY
 
-# The engine priority of a stage someone waits for (`orchestrator.routing.INTERACTIVE_PRIORITY`; not
-# imported: this module is loaded in the engine's own process, without the service's settings).
-INTERACTIVE = 0
+__all__ = ["InteractiveFirstAsyncScheduler", "InteractiveFirstScheduler"]
 
 
 class _InteractiveFirst:
@@ -37,9 +35,9 @@ class _InteractiveFirst:
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         schedule = super().schedule  # type: ignore[misc]
-        waiting = sum(r.priority == INTERACTIVE for r in (*self.waiting, *self.kv_holding_waiting))
-        running = [r for r in self.running if r.priority == INTERACTIVE]
-        held = [r for r in self.running if r.priority != INTERACTIVE]
+        waiting = sum(r.priority == INTERACTIVE_PRIORITY for r in (*self.waiting, *self.kv_holding_waiting))
+        running = [r for r in self.running if r.priority == INTERACTIVE_PRIORITY]
+        held = [r for r in self.running if r.priority != INTERACTIVE_PRIORITY]
         # Hold only when an interactive request runs or can be admitted beside the held ones.
         room = self.max_num_running_reqs - len(self.running)
         if self._starved or not held or not (running or (waiting and room > 0)):
