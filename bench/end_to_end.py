@@ -27,9 +27,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
+import psutil
 import yaml
 
 from bench.engine_throughput import prompts
@@ -38,8 +39,6 @@ from bench.services import ROOT, isolated_services, serving, slimmoa_api, start_
 
 # Latency of a synthetic stand-in's request: long enough that batching, not bookkeeping, is measured.
 SYNTHETIC_LATENCY_MS = 50
-# The stage threads of an inference worker as deployed (Settings.inference_concurrency's default).
-DEPLOYED_CONCURRENCY = 16
 FINAL = {"succeeded", "partial", "failed", "cancelled"}
 
 
@@ -95,10 +94,25 @@ def offline_side(recipe_data: dict[str, Any], instructions: list[str], budget_gb
     return run_offline_plan(recipe, instructions, open_model)
 
 
+class Deployed(NamedTuple):
+    wall_s: float
+    output_tokens: int
+    job_id: str
+    # CPU seconds of the inference worker's own process over the job (its engine processes excluded):
+    # what the service spends beside the engines, on the cores they use.
+    worker_cpu_s: float
+
+
+def _cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
 def deployed_side(
     recipe: dict[str, Any], instructions: list[str], budget_gb: float, env: dict[str, str], logs: Path
-) -> tuple[float, int, str]:
-    """(b): wall seconds from the POST to the job's end, generated tokens, and the job's id."""
+) -> Deployed:
+    """(b): wall seconds from the POST to the job's end, generated tokens, the job's id, and the
+    inference worker's CPU over that time."""
     from orchestrator.celery_app import app
     from orchestrator.embedded import free_port
 
@@ -121,6 +135,7 @@ def deployed_side(
                 if any(w.poll() is not None for w in workers):
                     raise RuntimeError(f"a worker exited; see the logs in {logs}")
             started = time.perf_counter()
+            cpu_before = _cpu_seconds(workers[1].pid)
             body = {"recipe": recipe, "items": [{"instruction": text} for text in instructions]}
             response = client.post("/v1/jobs", json=body)
             response.raise_for_status()
@@ -133,9 +148,10 @@ def deployed_side(
                     raise RuntimeError(f"a worker exited; see the logs in {logs}")
                 time.sleep(0.1)
             wall = time.perf_counter() - started
+            worker_cpu = _cpu_seconds(workers[1].pid) - cpu_before
             if job["status"] != "succeeded":
                 raise RuntimeError(f"job {job_id} {job['status']}: {job['error']}")
-            return wall, int(job["progress"]["output_tokens"]), job_id
+            return Deployed(wall, int(job["progress"]["output_tokens"]), job_id, worker_cpu)
     finally:
         for process in workers:
             stop(process)
@@ -187,10 +203,11 @@ def compare(
         _side("a", offline.wall_s, offline.output_tokens, offline.generations, _loads(loads_a))
         + f", unloads {unload_a:.2f} s"
     )
-    with isolated_services(*services, DEPLOYED_CONCURRENCY) as env:
-        wall, tokens, job_id = deployed_side(recipe, instructions, budget_gb, env, logs)
+    with isolated_services(*services, None) as env:
+        deployed = deployed_side(recipe, instructions, budget_gb, env, logs)
+        wall, tokens = deployed.wall_s, deployed.output_tokens
         with session_scope(env["DATABASE_URL"]) as session:
-            rows = job_timeline_rows(session, job_id)
+            rows = job_timeline_rows(session, deployed.job_id)
         assert rows is not None
         found = build_timeline(rows)
         loads_b = [
@@ -198,6 +215,12 @@ def compare(
         ]
         print(_side("b", wall, tokens, found.summary.generations, _loads(loads_b)))
         print(f"      timeline : {headline(found.summary)}")
+        generations = found.summary.generations
+        print(
+            f"      worker CPU : {deployed.worker_cpu_s:.2f} s over the job, "
+            f"{deployed.worker_cpu_s / max(generations, 1) * 1000:.1f} ms a generation "
+            "(the inference worker's own process; its engines' processes excluded)"
+        )
         if timeline is not None:
             path = plot_timeline(found, timeline / f"e2e-{name}.png")
             print(f"      timeline plot: {path}")

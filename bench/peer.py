@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import yaml
 
-from bench.end_to_end import DEPLOYED_CONCURRENCY, SYNTHETIC_LATENCY_MS, bench_recipes
+from bench.end_to_end import SYNTHETIC_LATENCY_MS, bench_recipes
 from bench.engine_throughput import prompts
 from bench.services import ROOT, isolated_services, serving
 from orchestrator.contracts import ChatMessage
@@ -155,7 +155,9 @@ def serve_command(recipe: Recipe, port: int, synthetic: bool) -> tuple[list[str]
     spec = recipe.model(name)
     assert isinstance(spec, VllmModel)
     on_cpu = current_platform.is_cpu()
-    args = engine_args(name, spec, str(resolve_weights(spec, get_settings().model_cache_dir)), on_cpu=on_cpu)
+    settings = get_settings()
+    weights_folder = str(resolve_weights(spec, settings.model_cache_dir))
+    args = engine_args(name, spec, weights_folder, on_cpu=on_cpu, max_num_seqs=settings.engine_max_num_seqs)
     args.pop("enable_sleep_mode", None)
     weights = args.pop("model")
     flags = cli_flags(args)
@@ -180,7 +182,7 @@ def slimmoa_run(
     from db.timeline import job_timeline_rows
     from orchestrator.timeline import build_timeline
 
-    with isolated_services(*services, DEPLOYED_CONCURRENCY) as env:
+    with isolated_services(*services, None) as env:
         output = logs / "peer-slimmoa-run.jsonl"
         command = [sys.executable, "-m", "orchestrator.cli", "run", str(prompts_file), "-o", str(output)]
         started = time.perf_counter()

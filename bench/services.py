@@ -29,9 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextmanager
-def isolated_services(database_url: str, redis_url: str, concurrency: int) -> Iterator[dict[str, str]]:
-    """Yield the environment for a worker (DATABASE_URL with a fresh, migrated schema, queue names);
-    the Celery app of this process sends there too. The schema is dropped afterwards."""
+def isolated_services(database_url: str, redis_url: str, concurrency: int | None) -> Iterator[dict[str, str]]:
+    """Yield the environment for a worker (DATABASE_URL with a fresh, migrated schema, queue names,
+    its stage threads: `concurrency`, or None for the default); the Celery app of this process sends
+    there too. The schema is dropped afterwards."""
     from db.migrate import upgrade
     from orchestrator.celery_app import app, configure
     from orchestrator.settings import get_settings
@@ -47,8 +48,11 @@ def isolated_services(database_url: str, redis_url: str, concurrency: int) -> It
         "REDIS_URL": redis_url,
         "QUEUE_CONTROL": f"bench.{suffix}.control",
         "QUEUE_INFERENCE": f"bench.{suffix}.inference",
-        "INFERENCE_CONCURRENCY": str(concurrency),
     }
+    if concurrency is None:
+        os.environ.pop("INFERENCE_CONCURRENCY", None)
+    else:
+        env["INFERENCE_CONCURRENCY"] = str(concurrency)
     os.environ.update(env)
     get_settings.cache_clear()
     configure(app, get_settings())

@@ -175,7 +175,7 @@ class StageConnection:
             return cursor.fetchall() if cursor.pgresult.nfields else []
         except self.dialect.loaded_dbapi.Error as exc:
             # Raised as SQLAlchemy's exceptions, which the stages retry (DATABASE_RETRY); a dead
-            # connection is dropped and the thread's next statement opens a new one.
+            # connection is dropped and the next statement opens a new one.
             invalidated = self.dialect.is_disconnect(exc, driver, None)
             if invalidated:
                 self._held.discard()
@@ -190,13 +190,12 @@ class StageConnection:
 
 
 class _HeldConnection:
-    """A thread's own autocommit connection for its stage statements.
+    """An autocommit connection for stage statements, kept by `_StageConnections` between uses.
 
     A stage opens its connection twice (before and after generating) and a worker runs thousands
     of stages a minute: a pool checkout and checkin each time (events, bookkeeping, the reset on
-    return) cost more CPU than the statement itself. A worker's threads are a fixed set, so each
-    keeps one connection instead, checked like a pooled one before every use. Connections: one per
-    worker thread that runs stages, besides the engine's pool.
+    return) cost more CPU than the statement itself, so these connections skip the pool and are
+    checked like a pooled one before every use.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -209,7 +208,7 @@ class _HeldConnection:
         return self._connection
 
     def acquire(self) -> None:
-        """Make sure the thread has a live connection: check the one it keeps, or open one."""
+        """Make sure there is a live connection: check the one kept, or open one."""
         if self._connection is not None:
             try:
                 _check_alive(self._connection, self._idle_since, self._engine.dialect)
@@ -234,17 +233,40 @@ class _HeldConnection:
                 connection.close()
 
 
-_held = threading.local()
+# Stage connections a process keeps open at most. A worker runs as many stage threads as its engines
+# batch requests (a hundred or more), each touching the database for a few milliseconds before and
+# after a generation of seconds: a few connections serve them all, and Postgres' max_connections
+# stays free for the other processes.
+STAGE_CONNECTIONS = 8
 
 
-def _held_connection(engine: Engine) -> _HeldConnection:
-    connections: dict[Engine, _HeldConnection] | None = getattr(_held, "connections", None)
-    if connections is None:
-        connections = _held.connections = {}
-    held = connections.get(engine)
-    if held is None:
-        held = connections[engine] = _HeldConnection(engine)
-    return held
+class _StageConnections:
+    """The process's stage connections to one database: at most STAGE_CONNECTIONS, the most recently
+    used handed out first; a thread waits for one when all are in use."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._slots = threading.BoundedSemaphore(STAGE_CONNECTIONS)
+        self._idle: list[_HeldConnection] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def checkout(self) -> Iterator[_HeldConnection]:
+        with self._slots:
+            with self._lock:
+                held = self._idle.pop() if self._idle else _HeldConnection(self._engine)
+            try:
+                held.acquire()
+                yield held
+            finally:
+                held.release()
+                with self._lock:
+                    self._idle.append(held)
+
+
+@cache
+def _stage_connections(engine: Engine) -> _StageConnections:
+    return _StageConnections(engine)
 
 
 @contextmanager
@@ -255,9 +277,5 @@ def statement_scope(url: str) -> Iterator[StageConnection]:
         with engine.begin() as connection:
             yield StageConnection(engine.dialect, connection=connection)
         return
-    held = _held_connection(engine)
-    held.acquire()
-    try:
+    with _stage_connections(engine).checkout() as held:
         yield StageConnection(engine.dialect, held=held)
-    finally:
-        held.release()

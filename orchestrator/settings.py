@@ -75,8 +75,12 @@ class Settings(BaseSettings):
     # Stage tasks ride out a database restart for this long (retried in the task, so that the task's
     # own retries count engine attempts only); past it the recovery sweep re-sends the stage.
     database_retry_s: float = Field(default=300.0, ge=0)
-    # Threads of the inference worker: the number of generations in flight that the engines can batch.
-    inference_concurrency: int = 16
+    # Sequences a vLLM engine batches at once (its `max_num_seqs`; vLLM's own default): the most
+    # requests it admits, beyond which they wait in its queue.
+    engine_max_num_seqs: int = Field(default=128, gt=0)
+    # Threads of an inference worker for bulk stages: the generations it has in flight. Empty: as many
+    # as an engine batches (ENGINE_MAX_NUM_SEQS), so that a job offers each engine a full batch.
+    inference_concurrency: int | None = Field(default=None, gt=0)
     # More threads, which only chat stages take (opened while a chat request's stage waits or runs):
     # a request's proposers start at once although bulk stages hold the others.
     chat_reserve: int = Field(default=4, ge=0)
@@ -125,6 +129,11 @@ class Settings(BaseSettings):
     max_items_per_job: int = 100_000
     page_size_default: int = 50
     page_size_max: int = 1000
+
+    @property
+    def stage_threads(self) -> int:
+        """Bulk stage threads of an inference worker: INFERENCE_CONCURRENCY, else an engine's batch."""
+        return self.inference_concurrency or self.engine_max_num_seqs
 
     def database_url_or_embedded(self) -> str:
         """DATABASE_URL, or the embedded ./slimmoa.db that the all-in-one commands use without one."""

@@ -56,7 +56,7 @@ def judging_services(log_path: Path) -> Iterator[str]:
         return
     with embedded_services(settings) as services:
         env = {"DATABASE_URL": services.database_url, "REDIS_URL": services.redis_url}
-        with worker_process(env, log_path, services.inference_concurrency):
+        with worker_process(env, log_path, services.stage_threads):
             yield services.database_url
 
 

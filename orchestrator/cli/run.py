@@ -83,7 +83,7 @@ def run(
             console.print(f"job [bold]{job_id}[/bold]: {len(records)} items, recipe {chosen.name}")
             log_path = output.with_name(output.name + ".worker.log")
             env = {"DATABASE_URL": url, "REDIS_URL": services.redis_url}
-            with worker_process(env, log_path, services.inference_concurrency) as worker:
+            with worker_process(env, log_path, services.stage_threads) as worker:
                 enqueue_job(job_id)
                 status = _follow(services, job_id, worker, log_path)
     except SlimMoAError as exc:

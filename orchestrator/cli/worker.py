@@ -17,6 +17,9 @@ from orchestrator.settings import get_settings
 
 __all__ = ["WorkerRole", "worker"]
 
+# Threads of a control worker: its tasks (dispatch, layer checks, the sweep) are short database work.
+CONTROL_THREADS = 16
+
 
 class WorkerRole(enum.StrEnum):
     ALL = "all"  # one worker for everything (a single machine, `slimmoa run`)
@@ -38,7 +41,9 @@ def worker(
     concurrency: Annotated[
         int | None,
         typer.Option(
-            min=1, help="Threads for bulk stages: generations in flight (CHAT_RESERVE more for chat)."
+            min=1,
+            help="Threads for bulk stages: generations in flight (default: INFERENCE_CONCURRENCY, "
+            "else ENGINE_MAX_NUM_SEQS; CHAT_RESERVE more for chat). A control worker's: 16.",
         ),
     ] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
@@ -94,9 +99,12 @@ def worker(
         queues.append(settings.queue_inference)
         celery_app.steps["consumer"].add(AffinityStep)
 
-    threads = concurrency or settings.inference_concurrency
-    if role != WorkerRole.CONTROL:
-        threads += settings.chat_reserve  # taken by chat stages only (workers.affinity)
+    if role == WorkerRole.CONTROL:
+        threads = concurrency or CONTROL_THREADS
+    else:
+        # As many bulk stages as an engine batches, unless set; chat stages only take the reserve
+        # (workers.affinity).
+        threads = (concurrency or settings.stage_threads) + settings.chat_reserve
     port = settings.worker_metrics_port if metrics_port is None else metrics_port
     if port:
         from prometheus_client import start_http_server

@@ -97,7 +97,7 @@ def create_engine(name: str, spec: VllmModel | OpenAIModel | SyntheticModel, set
     if isinstance(spec, VllmModel):
         from workers.engines.vllm_engine import VllmEngine
 
-        engine = VllmEngine(name, spec, settings.model_cache_dir)
+        engine = VllmEngine(name, spec, settings.model_cache_dir, settings.engine_max_num_seqs)
     elif isinstance(spec, OpenAIModel):
         from workers.engines.openai_engine import OpenAIEngine
 

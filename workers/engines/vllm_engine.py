@@ -57,9 +57,12 @@ def cpu_kv_cache_gb(spec: VllmModel) -> float:
     return kv_cache_gb(spec) or DEFAULT_CPU_KV_CACHE_GB
 
 
-def engine_args(name: str, spec: VllmModel, weights: str, *, on_cpu: bool) -> dict[str, Any]:
+def engine_args(
+    name: str, spec: VllmModel, weights: str, *, on_cpu: bool, max_num_seqs: int | None = None
+) -> dict[str, Any]:
     """vLLM engine arguments of a recipe model: the KV cache is exactly the one planned for it
-    (`kv_cache_memory_bytes`); `gpu_memory_utilization` only for a model without that plan."""
+    (`kv_cache_memory_bytes`); `gpu_memory_utilization` only for a model without that plan. The
+    batch is `max_num_seqs` sequences (vLLM's default for its usage context if None)."""
     args: dict[str, Any] = {
         "model": weights,
         "served_model_name": name,
@@ -74,6 +77,8 @@ def engine_args(name: str, spec: VllmModel, weights: str, *, on_cpu: bool) -> di
         "scheduler_cls": f"{SCHEDULER_MODULE}."
         + ("InteractiveFirstScheduler" if on_cpu else "InteractiveFirstAsyncScheduler"),
     }
+    if max_num_seqs is not None:
+        args["max_num_seqs"] = max_num_seqs
     if spec.quantization:
         args["quantization"] = spec.quantization
     kv = cpu_kv_cache_gb(spec) if on_cpu else kv_cache_gb(spec)
@@ -123,10 +128,11 @@ class HFTokenizer:
 
 
 class VllmEngine(Engine):
-    def __init__(self, name: str, spec: VllmModel, cache_dir: Path) -> None:
+    def __init__(self, name: str, spec: VllmModel, cache_dir: Path, max_num_seqs: int) -> None:
         super().__init__(name)
         self.spec = spec
         self.cache_dir = cache_dir
+        self.max_num_seqs = max_num_seqs
         self._llm: Any = None
         self._hf: Any = None
         self._system_supported = True
@@ -141,7 +147,7 @@ class VllmEngine(Engine):
 
         weights = str(resolve_weights(self.spec, self.cache_dir))
         on_cpu = self._on_cpu = current_platform.is_cpu()
-        args = engine_args(self.name, self.spec, weights, on_cpu=on_cpu)
+        args = engine_args(self.name, self.spec, weights, on_cpu=on_cpu, max_num_seqs=self.max_num_seqs)
         free_before = _device_free_bytes(on_cpu)
         self._hf = AutoTokenizer.from_pretrained(weights)
         if self.spec.system_role == "auto":
