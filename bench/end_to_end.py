@@ -26,6 +26,7 @@ import copy
 import os
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -98,14 +99,28 @@ class Deployed(NamedTuple):
     wall_s: float
     output_tokens: int
     job_id: str
-    # CPU seconds of the inference worker's own process over the job (its engine processes excluded):
-    # what the service spends beside the engines, on the cores they use.
-    worker_cpu_s: float
+    # CPU seconds of the inference worker's own process (its engine processes excluded), sampled
+    # through the job: what the service spends beside the engines, on the cores they use.
+    cpu_samples: list[tuple[datetime, float]]
+
+    @property
+    def worker_cpu_s(self) -> float:
+        return self.cpu_samples[-1][1] - self.cpu_samples[0][1]
+
+    def cpu_outside(self, spans: list[tuple[datetime, datetime]]) -> float:
+        """CPU seconds between samples that overlap none of `spans` (the loads: starting an engine
+        is CPU work of its own, not the cost of a generation)."""
+        pairs = zip(self.cpu_samples, self.cpu_samples[1:], strict=False)
+        return sum(
+            after - before
+            for (start, before), (end, after) in pairs
+            if not any(start < span_end and end > span_start for span_start, span_end in spans)
+        )
 
 
-def _cpu_seconds(pid: int) -> float:
+def _cpu_sample(pid: int) -> tuple[datetime, float]:
     times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
+    return datetime.now(UTC), float(times.user + times.system)
 
 
 def deployed_side(
@@ -135,7 +150,7 @@ def deployed_side(
                 if any(w.poll() is not None for w in workers):
                     raise RuntimeError(f"a worker exited; see the logs in {logs}")
             started = time.perf_counter()
-            cpu_before = _cpu_seconds(workers[1].pid)
+            samples = [_cpu_sample(workers[1].pid)]
             body = {"recipe": recipe, "items": [{"instruction": text} for text in instructions]}
             response = client.post("/v1/jobs", json=body)
             response.raise_for_status()
@@ -147,11 +162,12 @@ def deployed_side(
                 if any(w.poll() is not None for w in workers):
                     raise RuntimeError(f"a worker exited; see the logs in {logs}")
                 time.sleep(0.1)
+                samples.append(_cpu_sample(workers[1].pid))
             wall = time.perf_counter() - started
-            worker_cpu = _cpu_seconds(workers[1].pid) - cpu_before
+            samples.append(_cpu_sample(workers[1].pid))
             if job["status"] != "succeeded":
                 raise RuntimeError(f"job {job_id} {job['status']}: {job['error']}")
-            return Deployed(wall, int(job["progress"]["output_tokens"]), job_id, worker_cpu)
+            return Deployed(wall, int(job["progress"]["output_tokens"]), job_id, samples)
     finally:
         for process in workers:
             stop(process)
@@ -215,11 +231,16 @@ def compare(
         ]
         print(_side("b", wall, tokens, found.summary.generations, _loads(loads_b)))
         print(f"      timeline : {headline(found.summary)}")
-        generations = found.summary.generations
+        generations = max(found.summary.generations, 1)
+        spans = [
+            (load.recorded_at - timedelta(seconds=load.seconds), load.recorded_at) for load in rows.loads
+        ]
+        outside = deployed.cpu_outside(spans)
         print(
-            f"      worker CPU : {deployed.worker_cpu_s:.2f} s over the job, "
-            f"{deployed.worker_cpu_s / max(generations, 1) * 1000:.1f} ms a generation "
-            "(the inference worker's own process; its engines' processes excluded)"
+            f"      worker CPU : {deployed.worker_cpu_s:.2f} s over the job, loads included; "
+            f"{outside:.2f} s outside loads, {outside / generations * 1000:.1f} ms a generation "
+            f"({outside / wall * 100:.1f} % of one core over the wall time; the inference worker's "
+            "own process, its engines' processes excluded)"
         )
         if timeline is not None:
             path = plot_timeline(found, timeline / f"e2e-{name}.png")
