@@ -43,7 +43,7 @@ def worker(
         typer.Option(
             min=1,
             help="Threads for bulk stages: generations in flight (default: INFERENCE_CONCURRENCY, "
-            "else ENGINE_MAX_NUM_SEQS; CHAT_RESERVE more for chat). A control worker's: 16.",
+            f"else ENGINE_MAX_NUM_SEQS; CHAT_RESERVE more for chat). A control worker's: {CONTROL_THREADS}.",
         ),
     ] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
