@@ -43,14 +43,17 @@ def offline(instructions: list[str], max_tokens: int, model_dir: Path) -> float:
     from vllm import LLM, SamplingParams
     from vllm.platforms import current_platform
 
-    from workers.engines.vllm_engine import DEFAULT_CPU_KV_CACHE_GB, cpu_dtype, request_seed
+    from workers.engines.vllm_engine import CPU_WORKER_CLS, DEFAULT_CPU_KV_CACHE_GB, cpu_dtype, request_seed
 
+    on_cpu = current_platform.is_cpu()
     llm = LLM(
         model=str(model_dir),
         max_model_len=2048,
         enforce_eager=True,
         dtype=cpu_dtype("auto"),
         kv_cache_memory_bytes=int(DEFAULT_CPU_KV_CACHE_GB * 2**30),
+        # The engine's own sampler, so that both sides sample alike.
+        **({"worker_cls": CPU_WORKER_CLS} if on_cpu else {}),
     )
     conversations = [[{"role": "user", "content": text}] for text in instructions]
     params = [
@@ -59,7 +62,7 @@ def offline(instructions: list[str], max_tokens: int, model_dir: Path) -> float:
             temperature=0.7,
             top_p=0.95,
             max_tokens=max_tokens,
-            seed=request_seed(1000 + i, on_cpu=current_platform.is_cpu()),
+            seed=request_seed(1000 + i, on_cpu=on_cpu),
         )
         for i in range(len(instructions))
     ]

@@ -21,6 +21,8 @@ from workers.model_store import resolve_weights
 
 # The engine's scheduler (imported by the engine's own process, by path: it imports vLLM).
 SCHEDULER_MODULE = "workers.engines.vllm_scheduler"
+# A CPU engine's worker (imported by the engine's worker process, by path): top-p without the sort.
+CPU_WORKER_CLS = "workers.engines.vllm_cpu_sampling.NucleusCPUWorker"
 
 __all__ = ["HFTokenizer", "VllmEngine", "engine_args", "kv_cache_gb"]
 
@@ -77,6 +79,8 @@ def engine_args(
         "scheduler_cls": f"{SCHEDULER_MODULE}."
         + ("InteractiveFirstScheduler" if on_cpu else "InteractiveFirstAsyncScheduler"),
     }
+    if on_cpu:
+        args["worker_cls"] = CPU_WORKER_CLS
     if max_num_seqs is not None:
         args["max_num_seqs"] = max_num_seqs
     if spec.quantization:
