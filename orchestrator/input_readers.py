@@ -205,12 +205,13 @@ def parquet_rows(handle: IO[bytes], source: str, select: Select) -> Iterator[Row
         parquet = pq.ParquetFile(handle)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{source}: not a Parquet file ({exc})") from None
-    columns = select(parquet.schema_arrow.names)
-    number = 0
-    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
-        for values in batch.to_pylist():
-            number += 1
-            yield Place(source, row=number), values
+    with parquet:  # closed when done, as csv_rows's readers are
+        columns = select(parquet.schema_arrow.names)
+        number = 0
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
+            for values in batch.to_pylist():
+                number += 1
+                yield Place(source, row=number), values
 
 
 def csv_rows(handle: IO[bytes], source: str, select: Select) -> Iterator[Row]:
@@ -226,8 +227,12 @@ def csv_rows(handle: IO[bytes], source: str, select: Select) -> Iterator[Row]:
     # Serial reading: pyarrow numbers a bad row only then.
     read = pa_csv.ReadOptions(use_threads=False)
     parse = pa_csv.ParseOptions(newlines_in_values=True, invalid_row_handler=refuse)
+    # Readers are closed as soon as they are done with: one left to the interpreter's exit can take
+    # Arrow's read-ahead thread down with the process (SIGABRT, "terminate called without an active
+    # exception"), which turned a clean input error into a crash now and then.
     try:
-        names = pa_csv.open_csv(handle, read_options=read, parse_options=parse).schema.names
+        with pa_csv.open_csv(handle, read_options=read, parse_options=parse) as header:
+            names = header.schema.names
     except UnicodeDecodeError as exc:
         raise InputError(f"{source}: row 1: the header is not UTF-8 text ({exc.reason})") from None
     except pa.ArrowInvalid as exc:
@@ -243,18 +248,18 @@ def csv_rows(handle: IO[bytes], source: str, select: Select) -> Iterator[Row]:
         strings_can_be_null=True,
         null_values=[""],
     )
-    reader = pa_csv.open_csv(handle, read_options=read, parse_options=parse, convert_options=convert)
-    number = 1
-    while True:
-        try:
-            batch = reader.read_next_batch()
-        except StopIteration:
-            return
-        except pa.ArrowInvalid as exc:
-            raise _csv_error(source, exc, bad_rows) from None
-        for values in batch.to_pylist():
-            number += 1
-            yield Place(source, row=number), values
+    with pa_csv.open_csv(handle, read_options=read, parse_options=parse, convert_options=convert) as reader:
+        number = 1
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
+            except pa.ArrowInvalid as exc:
+                raise _csv_error(source, exc, bad_rows) from None
+            for values in batch.to_pylist():
+                number += 1
+                yield Place(source, row=number), values
 
 
 def _csv_error(source: str, exc: Exception, bad_rows: list[Any]) -> InputError:
