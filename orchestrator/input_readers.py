@@ -205,13 +205,12 @@ def parquet_rows(handle: IO[bytes], source: str, select: Select) -> Iterator[Row
         parquet = pq.ParquetFile(handle)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{source}: not a Parquet file ({exc})") from None
-    with parquet:  # closed when done, as csv_rows's readers are
-        columns = select(parquet.schema_arrow.names)
-        number = 0
-        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
-            for values in batch.to_pylist():
-                number += 1
-                yield Place(source, row=number), values
+    columns = select(parquet.schema_arrow.names)
+    number = 0
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
+        for values in batch.to_pylist():
+            number += 1
+            yield Place(source, row=number), values
 
 
 def csv_rows(handle: IO[bytes], source: str, select: Select) -> Iterator[Row]:
