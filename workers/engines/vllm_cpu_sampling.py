@@ -36,7 +36,9 @@ def nucleus_logits(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor
     rows = torch.nonzero(p < 1).flatten()
     if rows.numel() == 0:
         return logits
-    part = logits.index_select(0, rows)
+    # Every row at top-p (a step of proposers only): work on the logits themselves, not a copy.
+    whole = rows.numel() == logits.shape[0]
+    part = logits if whole else logits.index_select(0, rows)
     part_p = p.index_select(0, rows).to(torch.float32)
     probs = part.softmax(dim=-1, dtype=torch.float32)
     pending = torch.arange(rows.numel())
@@ -61,7 +63,8 @@ def nucleus_logits(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor
         part[pending] = topk_topp_sampler.apply_top_k_top_p_pytorch(
             part[pending], None, part_p[pending], allow_cpu_sync=True
         )
-    logits[rows] = part
+    if not whole:
+        logits[rows] = part
     return logits
 
 
