@@ -1,14 +1,17 @@
 """`slimmoa run` at its defaults beside the MoA run a user would script without it, same prompts,
 model and sampling:
 
-    python -m bench.peer [--prompts 48] [--in-flight 16,48] [--runs 3]
+    python -m bench.peer [--prompts 48] [--in-flight 16,48] [--runs 3] [--peer-engine ours|stock]
     python -m bench.peer --prompts 4 --synthetic      # the tiny setting: a synthetic server and engine
 
-(peer) `vllm serve` on the model of the `embedded` recipe (started with the engine's own arguments),
-       and a client that, per prompt, sends the three proposer calls at once, then the aggregator call
-       (its prompt made by the project's prompt builder from the three answers), with N prompts in
-       flight; timed from the first request to the last answer. The server is stopped before
-       `slimmoa run` starts, so the two never share the cores.
+(peer) `vllm serve` on the model of the `embedded` recipe, started with the engine's own arguments
+       (`--peer-engine ours`, the default: the same engine, so the ratio is the orchestration's) or
+       with those less the ones that name this project's code, its CPU worker and scheduler
+       (`stock`: the server a user without this project would run); and a client that, per prompt,
+       sends the three proposer calls at once, then the aggregator call (its prompt made by the
+       project's prompt builder from the three answers), with N prompts in flight; timed from the
+       first request to the last answer. The server is stopped before `slimmoa run` starts, so the
+       two never share the cores.
 (slimmoa) `slimmoa run` with the `embedded` recipe and its default threads, against the machine's
        Postgres and Redis (a schema and queues of its own); timed from the end of its engine's load
        to the job's end, as recorded.
@@ -42,6 +45,10 @@ from bench.services import ROOT, isolated_services, serving
 from orchestrator.contracts import ChatMessage
 from orchestrator.prompts import Tokenizer, build_stage_prompt
 from orchestrator.recipes import Recipe, SamplingSpec, parse_recipe
+
+# The engine arguments that name this project's code: its CPU worker (top-p without the sort) and its
+# scheduler, with the priority policy that scheduler needs.
+PROJECT_ENGINE_ARGS = ("worker_cls", "scheduler_cls", "scheduling_policy")
 
 
 @dataclass(frozen=True)
@@ -132,8 +139,10 @@ def cli_flags(args: dict[str, Any]) -> list[str]:
     return flags
 
 
-def serve_command(recipe: Recipe, port: int, synthetic: bool) -> tuple[list[str], Peer]:
-    """The command of the peer server for the recipe's one model, and how the client talks to it."""
+def serve_command(recipe: Recipe, port: int, synthetic: bool, engine: str = "ours") -> tuple[list[str], Peer]:
+    """The command of the peer server for the recipe's one model, and how the client talks to it.
+    `engine`: "ours" serves with every engine argument `slimmoa run` uses; "stock" leaves out those
+    that name this project's code (`PROJECT_ENGINE_ARGS`), as a user without it would."""
     from orchestrator.recipes import VllmModel
 
     name = recipe.aggregator.model
@@ -159,6 +168,9 @@ def serve_command(recipe: Recipe, port: int, synthetic: bool) -> tuple[list[str]
     weights_folder = str(resolve_weights(spec, settings.model_cache_dir))
     args = engine_args(name, spec, weights_folder, on_cpu=on_cpu, max_num_seqs=settings.engine_max_num_seqs)
     args.pop("enable_sleep_mode", None)
+    if engine == "stock":
+        for key in PROJECT_ENGINE_ARGS:
+            args.pop(key, None)
     weights = args.pop("model")
     flags = cli_flags(args)
     # The server `vllm serve` runs, started by its module: the `vllm` command asks for the version of a
@@ -217,6 +229,13 @@ def main() -> None:
     parser.add_argument(
         "--synthetic", action="store_true", help="a synthetic server and engine stand for vLLM"
     )
+    parser.add_argument(
+        "--peer-engine",
+        choices=("ours", "stock"),
+        default="ours",
+        help="ours: the server gets every engine argument slimmoa uses; stock: vLLM's own CPU worker "
+        "and scheduler, as a user without this project would serve the model",
+    )
     args = parser.parse_args()
     from orchestrator.embedded import free_port
 
@@ -235,12 +254,14 @@ def main() -> None:
     prompts_file.write_text("".join(json.dumps({"instruction": text}) + "\n" for text in instructions))
     widths = [int(n) for n in args.in_flight.split(",")]
     engines = "a synthetic server and engine" if args.synthetic else "vLLM, the embedded SmolLM2"
+    if not args.synthetic:
+        engines += f"; peer engine: {args.peer_engine}"
     print(f"peer: {args.prompts} prompts, {engines}; load average {os.getloadavg()[0]:.2f}")
     peer_rates: dict[int, list[float]] = {n: [] for n in widths}
     slimmoa_rates: list[float] = []
     for run in range(1, args.runs + 1):
         port = free_port()
-        command, peer = serve_command(recipe, port, args.synthetic)
+        command, peer = serve_command(recipe, port, args.synthetic, args.peer_engine)
         with serving(command, {}, logs / "peer-server.log", f"{peer.url}/health", timeout=900) as (
             _,
             start_s,

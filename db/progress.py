@@ -56,7 +56,7 @@ def list_items(
 def job_counts(session: Session, job_id: str) -> JobCounts:
     """Count a job's rows per stage and status with a few aggregate queries (and find the latest
     failure when there is one). A sequential aggregator's steps are counted apart from the proposers'
-    candidates; their tokens count with everything else."""
+    candidates; their tokens count with everything else, and each apart too."""
     items = dict(
         session.execute(select(Item.status, func.count()).where(Item.job_id == job_id).group_by(Item.status))
         .tuples()
@@ -108,6 +108,10 @@ def job_counts(session: Session, job_id: str) -> JobCounts:
         answers={turn: count for turn, count, *_ in answers},
         items_per_turn=reaching,
         steps={turn: ok for turn, layer, ok, *_ in layers if layer == step_layer},
+        proposer_prompt_tokens=sum(row[4] for row in layers if row[1] != step_layer),
+        proposer_output_tokens=sum(row[5] for row in layers if row[1] != step_layer),
+        step_prompt_tokens=sum(row[4] for row in layers if row[1] == step_layer),
+        step_output_tokens=sum(row[5] for row in layers if row[1] == step_layer),
     )
 
 

@@ -71,6 +71,11 @@ class JobCounts:
     items_per_turn: dict[int, int] = field(default_factory=dict)
     # turn -> intermediate steps stored by sequential aggregators (not proposer candidates).
     steps: dict[int, int] = field(default_factory=dict)
+    # The tokens of the proposers' candidates and of the sequential aggregators' steps, apart.
+    proposer_prompt_tokens: int = 0
+    proposer_output_tokens: int = 0
+    step_prompt_tokens: int = 0
+    step_output_tokens: int = 0
 
 
 @dataclass(frozen=True)

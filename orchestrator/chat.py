@@ -129,19 +129,20 @@ def _failure(database_url: str, job_id: str) -> ErrorRecord | None:
 
 
 def request_usage(database_url: str, job_id: str, final: FinalRecord) -> ChatUsage:
-    """Every stage's tokens of the request, from the record; the aggregator's from its final record."""
+    """Every stage's tokens of the request, from the record; the final answer's from its final record
+    (it may not be stored yet). A sequential aggregator's steps are the aggregator's, not the proposers'."""
     with session_scope(database_url) as session:
         counts = progress.job_counts(session, job_id)
-    aggregator_prompt = final.usage.prompt_tokens or 0
-    aggregator_completion = final.usage.completion_tokens or 0
-    prompt = max(counts.prompt_tokens, aggregator_prompt)
-    completion = max(counts.output_tokens, aggregator_completion)
+    prompt = counts.proposer_prompt_tokens + counts.step_prompt_tokens + (final.usage.prompt_tokens or 0)
+    completion = (
+        counts.proposer_output_tokens + counts.step_output_tokens + (final.usage.completion_tokens or 0)
+    )
     return ChatUsage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
-        proposer_prompt_tokens=prompt - aggregator_prompt,
-        proposer_completion_tokens=completion - aggregator_completion,
+        proposer_prompt_tokens=counts.proposer_prompt_tokens,
+        proposer_completion_tokens=counts.proposer_output_tokens,
     )
 
 

@@ -112,12 +112,13 @@ def submit_job(session: Session, job: Submission, idempotency_key: str | None = 
         stored = store_job(session, job, idempotency_key)
         session.commit()
     except IntegrityError:
-        # A concurrent submit with the same key committed first: its job is the answer.
+        # A concurrent submit with the same key committed first: its job is the answer, and like any
+        # earlier job it may not have been dispatched yet.
         session.rollback()
         earlier = _earlier(session, job, idempotency_key)
         if earlier is None:
             raise
-        return Submitted(earlier, created=False, dispatched=True)
+        return _found(earlier)
     return _dispatched(stored, created=True)
 
 

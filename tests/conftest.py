@@ -120,6 +120,23 @@ def worker(
     sys.stderr.write(f"worker log: {log_path}\n")
 
 
+class Switch:
+    """The affinity scheduler's hold on Celery's consumer, remembering only what it was told."""
+
+    def __init__(self) -> None:
+        self.consumed: set[str] = set()
+        self.reserve_open = False
+
+    def add(self, queue: str) -> None:
+        self.consumed.add(queue)
+
+    def cancel(self, queue: str) -> None:
+        self.consumed.discard(queue)
+
+    def reserve(self, open_: bool) -> None:
+        self.reserve_open = open_
+
+
 def sample_records(count: int) -> list[InputRecord]:
     lines = SAMPLE.read_text().splitlines()
     records = [InputRecord.model_validate(json.loads(line)) for line in lines]
@@ -225,7 +242,8 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
 
 @pytest.fixture(scope="session")
 def api_recipes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped recipes plus `api-synthetic`: the synthetic recipe with model names of its own.
+    """The shipped recipes plus `api-synthetic`: the synthetic recipe with model names of its own, and
+    `api-sequential`: the same with a sequential aggregator.
 
     The session worker keeps one engine per model definition; jobs through the API use their own
     names, so they never add a second definition of a model other tests count engines of.
@@ -236,6 +254,13 @@ def api_recipes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     synthetic = project_path("recipes", "synthetic.yaml").read_text()
     renamed = synthetic.replace("name: synthetic", "name: api-synthetic").replace("synth-", "api-synth-")
     (folder / "api-synthetic.yaml").write_text(renamed)
+    # The same models, the aggregator reading its pool of three two at a time (one step, then the answer).
+    aggregator = "  sampling: {temperature: 0.5, max_tokens: 128, seed: 0}\n"
+    assert aggregator in renamed
+    sequential = renamed.replace("name: api-synthetic", "name: api-sequential")
+    (folder / "api-sequential.yaml").write_text(
+        sequential.replace(aggregator, aggregator + "  mode: sequential\n  window: 2\n")
+    )
     return folder
 
 

@@ -10,8 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import pytest
 
-from tests.conftest import sample_records
+from db import submission as db_submission
+from db.session import session_scope
+from orchestrator.recipes import parse_recipe
+from orchestrator.submission import Submission, store_job, submit_job
+from tests.conftest import sample_records, wait_for_job
 
 SLOW_AGGREGATOR: dict[str, Any] = {
     "name": "api-slow",
@@ -295,3 +300,31 @@ def test_concurrent_submits_with_one_key_make_one_job(api_url: str, worker: subp
         responses = list(pool.map(send, range(4)))
     assert sorted(r.status_code for r in responses) == [200, 200, 200, 201]
     assert len({r.json()["id"] for r in responses}) == 1
+
+
+def test_a_submit_that_loses_the_race_for_its_key_still_sends_the_dispatch(
+    database_url: str, worker: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The submit that committed first may have died before its dispatch: the one whose insert then
+    conflicts answers with that job and sends the dispatch again while the job is queued."""
+    recipe = parse_recipe(FAST)
+    records = sample_records(3)
+    key = uuid.uuid4().hex
+    with session_scope(database_url) as session:
+        first = store_job(session, Submission(recipe, records), key)
+        session.commit()
+        first_id = first.id
+    lookups: list[str] = []
+    found = db_submission.job_by_idempotency_key
+
+    def racing(session: Any, looked_up: str) -> Any:
+        """The first lookup runs before the other submit's commit: it finds nothing."""
+        lookups.append(looked_up)
+        return None if len(lookups) == 1 else found(session, looked_up)
+
+    monkeypatch.setattr(db_submission, "job_by_idempotency_key", racing)
+    with session_scope(database_url) as session:
+        answer = submit_job(session, Submission(recipe, records), key)
+        assert (answer.job.id, answer.created, answer.dispatched) == (first_id, False, True)
+    assert lookups == [key, key], "the insert conflicted and the key's job was looked up again"
+    assert wait_for_job(database_url, first_id).status == "succeeded"

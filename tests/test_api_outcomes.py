@@ -21,6 +21,7 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
+from db.migrate import upgrade
 from orchestrator.api.app import create_app
 from orchestrator.api.bodies import NOTICE_HEADER
 from orchestrator.embedded import free_port
@@ -97,11 +98,23 @@ def redis_server(port: int, folder: Path) -> Iterator[subprocess.Popen[bytes]]:
         stop_process(process, timeout=10)
 
 
+@pytest.fixture()
+def own_schema(empty_schema: str) -> str:
+    """A migrated schema of the test's own: the recovery sweep it runs sees no other test's jobs."""
+    upgrade(empty_schema)
+    return empty_schema
+
+
 def test_a_submit_while_the_broker_is_down_is_kept_and_finishes_after_the_sweep(
-    services: dict[str, str], tmp_path: Path
+    services: dict[str, str], own_schema: str, tmp_path: Path
 ) -> None:
     port = free_port()
-    env = {**services, "REDIS_URL": f"redis://127.0.0.1:{port}/0", "SLIMMOA_API_TOKEN": ""}
+    env = {
+        **services,
+        "DATABASE_URL": own_schema,
+        "REDIS_URL": f"redis://127.0.0.1:{port}/0",
+        "SLIMMOA_API_TOKEN": "",
+    }
     with redis_server(port, tmp_path) as broker:
         worker_log = (tmp_path / "worker.log").open("wb")
         worker = subprocess.Popen(
@@ -129,7 +142,7 @@ def test_a_submit_while_the_broker_is_down_is_kept_and_finishes_after_the_sweep(
                     )
                     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
                     assert "re-sent 3 proposer chords" in recovered.stdout
-                    finished = wait_for_job(services["DATABASE_URL"], job["id"], timeout=120)
+                    finished = wait_for_job(own_schema, job["id"], timeout=120)
                     assert (finished.status, finished.items_succeeded) == ("succeeded", 3)
         finally:
             stop_process(worker, timeout=30)

@@ -147,6 +147,22 @@ def test_the_peer_server_gets_the_engines_arguments() -> None:
     ]
 
 
+def test_the_stock_peer_server_runs_without_the_projects_engine_classes() -> None:
+    from bench.end_to_end import bench_recipes
+    from bench.peer import PROJECT_ENGINE_ARGS, serve_command
+    from orchestrator.recipes import parse_recipe
+
+    recipe = parse_recipe(bench_recipes(False)["fits"])
+    ours, _ = serve_command(recipe, 8000, False, "ours")
+    stock, _ = serve_command(recipe, 8000, False, "stock")
+    named = {"--" + key.replace("_", "-") for key in PROJECT_ENGINE_ARGS}
+    assert named & set(ours) == {"--worker-cls", "--scheduler-cls", "--scheduling-policy"}
+    assert not named & set(stock)
+    assert [flag for flag in ours if flag.startswith("--") and flag not in named] == [
+        flag for flag in stock if flag.startswith("--")
+    ], "everything else is served alike"
+
+
 def test_sequential_bench_on_a_synthetic_engine(tmp_path: Path) -> None:
     out = run_bench("bench.sequential", "--prompts", "2", "--synthetic", log_dir=tmp_path)
     sides = re.findall(

@@ -99,6 +99,29 @@ def test_a_completion_is_the_recipes_answer_to_the_whole_conversation(
     assert job_id in {j["id"] for j in listed} and {j["kind"] for j in listed} == {"chat"}
 
 
+def test_a_sequential_aggregators_steps_count_as_the_aggregators_tokens(
+    client: OpenAI, database_url: str
+) -> None:
+    completion = client.chat.completions.create(
+        model="api-sequential", messages=[{"role": "user", "content": "Name three colours."}]
+    )
+    _, candidates, output = request_rows(database_url, completion.id.removeprefix("chatcmpl-"))
+    proposals = [c for c in candidates if c.layer == 0]
+    steps = [c for c in candidates if c.layer == 1]
+    assert (len(proposals), len(steps)) == (3, 1), "three candidates, read two, then the rest"
+    usage = completion.usage
+    assert usage is not None
+    assert usage.model_extra == {
+        "proposer_prompt_tokens": sum(c.prompt_tokens or 0 for c in proposals),
+        "proposer_completion_tokens": sum(c.output_tokens or 0 for c in proposals),
+    }
+    assert usage.prompt_tokens == sum(c.prompt_tokens or 0 for c in candidates) + (output.prompt_tokens or 0)
+    assert usage.completion_tokens == sum(c.output_tokens or 0 for c in candidates) + (
+        output.output_tokens or 0
+    )
+    assert (steps[0].output_tokens or 0) > 0, "the step generated tokens, and they are the aggregator's"
+
+
 def test_a_stream_is_the_stored_answer(client: OpenAI, database_url: str) -> None:
     chunks = list(
         client.chat.completions.create(

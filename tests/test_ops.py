@@ -29,6 +29,7 @@ from orchestrator.ownership import EVERY_MODEL, ModelSelection, SelectionError
 from orchestrator.routing import BULK_PRIORITY, ModelQueues, priority_lists
 from orchestrator.settings import Settings, get_settings
 from orchestrator.stage_info import HEADER, StageInfo
+from tests.conftest import Switch
 from workers.affinity import AffinityScheduler
 
 RECIPE = """
@@ -131,21 +132,6 @@ class FakeHost:
 
     def check_liveness(self) -> list[str]:
         return []
-
-
-class Switch:
-    def __init__(self) -> None:
-        self.consumed: set[str] = set()
-        self.reserve_open = False
-
-    def add(self, queue: str) -> None:
-        self.consumed.add(queue)
-
-    def cancel(self, queue: str) -> None:
-        self.consumed.discard(queue)
-
-    def reserve(self, open_: bool) -> None:
-        self.reserve_open = open_
 
 
 @pytest.fixture

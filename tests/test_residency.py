@@ -26,7 +26,7 @@ from orchestrator.planning import plan_memory
 from orchestrator.recipes import Recipe, SyntheticModel
 from orchestrator.routing import BULK_PRIORITY, ModelQueues, priority_lists
 from orchestrator.settings import Settings, get_settings
-from tests.conftest import recipe_from_yaml, sample_records, stop_process, store, wait_for_job
+from tests.conftest import Switch, recipe_from_yaml, sample_records, stop_process, store, wait_for_job
 from workers.affinity import AffinityScheduler
 from workers.engine_host import EngineHost, LoadEvent
 from workers.engines import ChatRequest, EngineOutOfMemory, EngineUnavailable, Generation, ModelTooLarge
@@ -188,21 +188,6 @@ def test_a_model_gets_at_most_max_in_flight_requests_at_once() -> None:
         for thread in threads:
             thread.join(timeout=30)
     assert peak["n"] == 3, "requests met in the engine, never more than max_in_flight"
-
-
-class Switch:
-    def __init__(self) -> None:
-        self.consumed: set[str] = set()
-        self.reserve_open = False
-
-    def add(self, queue: str) -> None:
-        self.consumed.add(queue)
-
-    def cancel(self, queue: str) -> None:
-        self.consumed.discard(queue)
-
-    def reserve(self, open_: bool) -> None:
-        self.reserve_open = open_
 
 
 class FakeHost:
