@@ -56,7 +56,7 @@ def list_items(
 def job_counts(session: Session, job_id: str) -> JobCounts:
     """Count a job's rows per stage and status with a few aggregate queries (and find the latest
     failure when there is one). A sequential aggregator's steps are counted apart from the proposers'
-    candidates; their tokens count with everything else, and each apart too."""
+    candidates; their tokens count in the job's totals and, apart, in the steps' own."""
     items = dict(
         session.execute(select(Item.status, func.count()).where(Item.job_id == job_id).group_by(Item.status))
         .tuples()

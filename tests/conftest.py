@@ -255,12 +255,10 @@ def api_recipes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     renamed = synthetic.replace("name: synthetic", "name: api-synthetic").replace("synth-", "api-synth-")
     (folder / "api-synthetic.yaml").write_text(renamed)
     # The same models, the aggregator reading its pool of three two at a time (one step, then the answer).
-    aggregator = "  sampling: {temperature: 0.5, max_tokens: 128, seed: 0}\n"
-    assert aggregator in renamed
-    sequential = renamed.replace("name: api-synthetic", "name: api-sequential")
-    (folder / "api-sequential.yaml").write_text(
-        sequential.replace(aggregator, aggregator + "  mode: sequential\n  window: 2\n")
-    )
+    sequential = yaml.safe_load(renamed)
+    sequential["name"] = "api-sequential"
+    sequential["aggregator"] |= {"mode": "sequential", "window": 2}
+    (folder / "api-sequential.yaml").write_text(yaml.safe_dump(sequential))
     return folder
 
 
