@@ -22,6 +22,9 @@ class FaultSpec(BaseModel):
     # With probability hang_rate a request sleeps hang_seconds before answering (a hung engine).
     hang_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     hang_seconds: float = Field(default=0.0, ge=0.0)
+    # The rates draw from a generator seeded with this, so a spec injects the same number of faults,
+    # in the same order of requests, on every run: a test that needs some faults always gets them.
+    seed: int = 0
     # A start that sleeps this long first (a hung load).
     load_hang_seconds: float = Field(default=0.0, ge=0.0)
     # A built-in exception type (e.g. "KeyError") raised at start or at every request: an error of a

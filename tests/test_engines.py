@@ -55,6 +55,31 @@ def test_the_engine_kind_comes_from_the_recipe() -> None:
         asyncio.run(engine.generate(request()))
 
 
+def fault_pattern(spec: FaultSpec, requests: int) -> list[bool]:
+    """Which of `requests` successive requests a fresh faulty engine fails."""
+    engine = FaultyEngine(SyntheticEngine("s", SyntheticModel(engine="synthetic")), spec)
+
+    async def outcomes() -> list[bool]:
+        failed = []
+        for _ in range(requests):
+            try:
+                await engine.generate(request())
+                failed.append(False)
+            except EngineUnavailable:
+                failed.append(True)
+        return failed
+
+    return asyncio.run(outcomes())
+
+
+def test_injected_faults_repeat_run_to_run_and_follow_the_seed() -> None:
+    spec = FaultSpec(error_rate=0.3)
+    first = fault_pattern(spec, 40)
+    assert first == fault_pattern(spec, 40), "the same spec fails the same requests"
+    assert 0 < sum(first) < 40
+    assert first != fault_pattern(FaultSpec(error_rate=0.3, seed=1), 40)
+
+
 def openai_engine(handler: httpx.MockTransport, **spec: object) -> OpenAIEngine:
     model = OpenAIModel.model_validate(
         {"engine": "openai", "base_url": "http://judge.test/v1", "model": "m", **spec}

@@ -47,6 +47,7 @@ class FaultyEngine(Engine):
         super().__init__(inner.name)
         self.inner = inner
         self.faults = faults
+        self._draws = random.Random(faults.seed)
 
     async def start(self) -> None:
         if self.faults.load_hang_seconds:
@@ -80,11 +81,11 @@ class FaultyEngine(Engine):
                 yield item
 
     async def _inject(self) -> None:
-        if self.faults.hang_seconds and random.random() < self.faults.hang_rate:
+        if self.faults.hang_seconds and self._draws.random() < self.faults.hang_rate:
             await asyncio.sleep(self.faults.hang_seconds)
         if self.faults.generate_exception:
             raise getattr(builtins, self.faults.generate_exception)(f"injected fault in {self.name}")
-        if random.random() < self.faults.error_rate:
+        if self._draws.random() < self.faults.error_rate:
             raise EngineUnavailable(f"injected fault in {self.name}")
 
     async def close(self) -> None:
