@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-from sqlalchemy import create_engine, text
 
 __all__ = [
     "ROOT",
@@ -33,36 +32,26 @@ def isolated_services(database_url: str, redis_url: str, concurrency: int | None
     """Yield the environment for a worker (DATABASE_URL with a fresh, migrated schema, queue names,
     its stage threads: `concurrency`, or None for the default); the Celery app of this process sends
     there too. The schema is dropped afterwards."""
-    from db.migrate import upgrade
+    from db.migrate import private_schema
     from orchestrator.celery_app import app, configure
     from orchestrator.settings import get_settings
 
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(database_url)
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
     suffix = uuid.uuid4().hex[:6]
-    separator = "&" if "?" in database_url else "?"
-    env = {
-        "DATABASE_URL": f"{database_url}{separator}options=-csearch_path%3D{schema}",
-        "REDIS_URL": redis_url,
-        "QUEUE_CONTROL": f"bench.{suffix}.control",
-        "QUEUE_INFERENCE": f"bench.{suffix}.inference",
-    }
-    if concurrency is None:
-        os.environ.pop("INFERENCE_CONCURRENCY", None)
-    else:
-        env["INFERENCE_CONCURRENCY"] = str(concurrency)
-    os.environ.update(env)
-    get_settings.cache_clear()
-    configure(app, get_settings())
-    try:
-        upgrade(env["DATABASE_URL"])
+    with private_schema(database_url, "bench") as url:
+        env = {
+            "DATABASE_URL": url,
+            "REDIS_URL": redis_url,
+            "QUEUE_CONTROL": f"bench.{suffix}.control",
+            "QUEUE_INFERENCE": f"bench.{suffix}.inference",
+        }
+        if concurrency is None:
+            os.environ.pop("INFERENCE_CONCURRENCY", None)
+        else:
+            env["INFERENCE_CONCURRENCY"] = str(concurrency)
+        os.environ.update(env)
+        get_settings.cache_clear()
+        configure(app, get_settings())
         yield env
-    finally:
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def start_process(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 
-from db.migrate import upgrade
+from db.migrate import private_schema
 from db.models import Item, Job
 from db.session import session_scope
 from orchestrator.celery_app import app as celery_app
@@ -65,18 +65,8 @@ def _require(name: str) -> str:
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """A fresh, migrated schema in the test database; dropped at the end of the session."""
-    base = _require("DATABASE_URL")
-    schema = f"slimmoa_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base)
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    separator = "&" if "?" in base else "?"
-    url = f"{base}{separator}options=-csearch_path%3D{schema}"
-    upgrade(url)
-    yield url
-    with admin.begin() as connection:
-        connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
+    with private_schema(_require("DATABASE_URL"), "slimmoa_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 
-from db.migrate import upgrade
+from db.migrate import private_schema
 from db.models import Candidate, Item, Output
 from db.session import session_scope
 from tests.conftest import stop_process
@@ -35,26 +35,14 @@ __all__ = [
 def private_deployment(session_url: str, env: dict[str, str]) -> Iterator[dict[str, str]]:
     """A migrated schema and queue names of its own: its workers see no other test's jobs or tasks, and
     its recovery sweep re-sends none of theirs."""
-    base, _, _ = session_url.partition("options=")
-    base = base.rstrip("?&")
-    schema = f"slimmoa_deploy_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base)
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
-    upgrade(url)
     prefix = f"slimmoa.test.{uuid.uuid4().hex[:8]}"
-    try:
+    with private_schema(session_url, "slimmoa_deploy") as url:
         yield {
             **env,
             "DATABASE_URL": url,
             "QUEUE_CONTROL": f"{prefix}.control",
             "QUEUE_INFERENCE": f"{prefix}.inference",
         }
-    finally:
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @dataclass

@@ -19,9 +19,8 @@ import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
 
-from db.migrate import upgrade
+from db.migrate import private_schema, upgrade
 from orchestrator.api.app import create_app
 from orchestrator.api.bodies import NOTICE_HEADER
 from orchestrator.embedded import free_port
@@ -42,15 +41,8 @@ def body(count: int, prefix: str = "prompt") -> dict[str, Any]:
 @pytest.fixture()
 def empty_schema(services: dict[str, str]) -> Iterator[str]:
     """A database URL whose schema exists but was never migrated."""
-    base = os.environ["DATABASE_URL"].split("?")[0]
-    schema = f"slimmoa_bare_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base)
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    yield f"{base}?options=-csearch_path%3D{schema}"
-    with admin.begin() as connection:
-        connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
+    with private_schema(os.environ["DATABASE_URL"], "slimmoa_bare", migrated=False) as url:
+        yield url
 
 
 def test_an_unmigrated_schema_is_503_naming_the_command(empty_schema: str) -> None:
