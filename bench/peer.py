@@ -4,11 +4,11 @@ model and sampling:
     python -m bench.peer [--prompts 48] [--in-flight 16,48] [--runs 3] [--peer-engine ours|stock]
     python -m bench.peer --prompts 4 --synthetic      # the tiny setting: a synthetic server and engine
 
-(peer) `vllm serve` on the model of the `embedded` recipe, started with the engine's own arguments
-       (`--peer-engine ours`, the default: the same engine, so the ratio is the orchestration's) or
-       with those less the ones that name this project's code, its CPU worker and scheduler
-       (`stock`: the server a user without this project would run); and a client that, per prompt,
-       sends the three proposer calls at once, then the aggregator call (its prompt made by the
+(peer) `vllm serve` on the model of the `embedded` recipe, started with the engine's arguments less
+       the ones that name this project's code, its CPU worker and scheduler (`--peer-engine stock`,
+       the default: the server a user without this project would run), or with all of them (`ours`:
+       the same engine on both sides, so the ratio is the orchestration's alone); and a client that,
+       per prompt, sends the three proposer calls at once, then the aggregator call (its prompt made by the
        project's prompt builder from the three answers), with N prompts in flight; timed from the
        first request to the last answer. The server is stopped before `slimmoa run` starts, so the
        two never share the cores.
@@ -139,7 +139,9 @@ def cli_flags(args: dict[str, Any]) -> list[str]:
     return flags
 
 
-def serve_command(recipe: Recipe, port: int, synthetic: bool, engine: str = "ours") -> tuple[list[str], Peer]:
+def serve_command(
+    recipe: Recipe, port: int, synthetic: bool, engine: str = "stock"
+) -> tuple[list[str], Peer]:
     """The command of the peer server for the recipe's one model, and how the client talks to it.
     `engine`: "ours" serves with every engine argument `slimmoa run` uses; "stock" leaves out those
     that name this project's code (`PROJECT_ENGINE_ARGS`), as a user without it would."""
@@ -232,9 +234,9 @@ def main() -> None:
     parser.add_argument(
         "--peer-engine",
         choices=("ours", "stock"),
-        default="ours",
-        help="ours: the server gets every engine argument slimmoa uses; stock: vLLM's own CPU worker "
-        "and scheduler, as a user without this project would serve the model",
+        default="stock",
+        help="stock: vLLM's own CPU worker and scheduler, as a user without this project would serve "
+        "the model; ours: the server gets every engine argument slimmoa uses",
     )
     args = parser.parse_args()
     from orchestrator.embedded import free_port
