@@ -20,7 +20,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from db.migrate import private_schema, upgrade
+from db.migrate import private_schema
 from orchestrator.api.app import create_app
 from orchestrator.api.bodies import NOTICE_HEADER
 from orchestrator.embedded import free_port
@@ -91,10 +91,10 @@ def redis_server(port: int, folder: Path) -> Iterator[subprocess.Popen[bytes]]:
 
 
 @pytest.fixture()
-def own_schema(empty_schema: str) -> str:
+def own_schema(services: dict[str, str]) -> Iterator[str]:
     """A migrated schema of the test's own: the recovery sweep it runs sees no other test's jobs."""
-    upgrade(empty_schema)
-    return empty_schema
+    with private_schema(os.environ["DATABASE_URL"], "slimmoa_own") as url:
+        yield url
 
 
 def test_a_submit_while_the_broker_is_down_is_kept_and_finishes_after_the_sweep(
